@@ -1,0 +1,1 @@
+"""The ``posttrain`` command line. Each subcommand lives in its own module."""

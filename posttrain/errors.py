@@ -1,0 +1,27 @@
+"""Errors meant for users.
+
+A ``UserError`` describes a problem with the user's input (a recipe key, a data
+row, a path) and is printed as one paragraph by the CLI, with exit status 2 and
+no traceback. Internal bugs raise ordinary exceptions and keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix: bad config, bad data, missing path."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} {hint}")
+
+
+class ConfigError(UserError):
+    """A recipe or override that does not validate."""
+
+
+class DataError(UserError):
+    """A data file or row that does not match the expected format."""

@@ -1,0 +1,1 @@
+"""Reward functions, verifiers and scoring models for posttrain."""
