@@ -1,0 +1,69 @@
+"""``posttrain run``: validate a recipe, then run it in-process or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from posttrain.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a recipe (YAML) with optional key.sub=value overrides",
+        description=(
+            "Run a recipe. Overrides use dotted keys (learner.zero_stage=3 train.max_steps=50). "
+            "With --nproc N > 1 (or --nnodes M > 1) the recipe runs under torchrun, one process per rank; "
+            "the recipe, its data and the model path are checked first, so mistakes are reported before "
+            "any process starts."
+        ),
+        epilog="example: posttrain run recipes/sft.yaml --nproc 2 learner.zero_stage=3",
+    )
+    parser.add_argument("recipe", help="path of a recipe YAML file (see `posttrain recipes`)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per node (torchrun --nproc_per_node)")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes (torchrun --nnodes)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's rank (multi-node)")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address of node 0 (multi-node)")
+    parser.add_argument("--master-port", type=int, default=29500, help="rendezvous port (multi-node)")
+    parser.add_argument("--check", action="store_true", help="validate the recipe and its data, then stop")
+    parser.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.distributed import configure_environment
+
+    configure_environment()
+    from posttrain.config.loader import load_recipe
+    from posttrain.trainers import trainer_module
+
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UserError(f"--nproc and --nnodes must be at least 1, got {args.nproc} and {args.nnodes}.")
+    cfg = load_recipe(args.recipe, args.overrides)
+    world_size = args.nproc * args.nnodes
+    trainer_module(cfg.trainer).preflight(cfg, world_size, args.recipe)
+    if args.check:
+        print(f"{args.recipe}: recipe and data are valid for {world_size} process(es).")
+        return 0
+    if world_size == 1:
+        from posttrain.run import run_recipe
+
+        run_recipe(args.recipe, args.overrides)
+        return 0
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+    if args.nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}",
+                    f"--master_addr={args.master_addr}", f"--master_port={args.master_port}"]
+    command += ["-m", "posttrain.run", args.recipe, *args.overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        print(f"error: the run failed with exit status {completed.returncode} (see the messages above).",
+              file=sys.stderr)
+    return completed.returncode

@@ -1,0 +1,118 @@
+"""Row formats (TRL-compatible) and their checks.
+
+| task | columns |
+| SFT | ``messages``, or ``prompt`` + ``completion``, or ``text`` |
+| preference | ``prompt``, ``chosen``, ``rejected`` (strings or message lists) |
+| unpaired preference | ``prompt``, ``completion``, ``label`` (bool) |
+| prompt-only | ``prompt`` plus any extra columns |
+| process reward | ``prompt``, ``completions`` (list of steps), ``labels`` (bools or floats in [0, 1]) |
+
+Each check raises ``DataError`` naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.data.loading import Row
+from posttrain.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def check_messages(row: Row, field: str, *, need_assistant: bool = False) -> list[dict]:
+    value = row.data.get(field)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{row.where}: field {field!r} must be a non-empty list of {{role, content}} messages.")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{row.where}: {field}[{i}] must be an object with 'role' and 'content'.")
+        if message["role"] not in ROLES:
+            raise DataError(
+                f"{row.where}: {field}[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}."
+            )
+        if not isinstance(message["content"], str):
+            raise DataError(f"{row.where}: {field}[{i}].content must be a string.")
+    if need_assistant and not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{row.where}: field {field!r} has no assistant message to train on.")
+    return value
+
+
+def check_text(row: Row, field: str, *, allow_empty: bool = False) -> str:
+    value = row.data.get(field)
+    if field not in row.data:
+        raise DataError(f"{row.where}: missing field {field!r}.")
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: field {field!r} must be a string, got {type(value).__name__}.")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{row.where}: field {field!r} is empty.")
+    return value
+
+
+def check_text_or_messages(row: Row, field: str) -> str | list[dict]:
+    value = row.data.get(field)
+    if field not in row.data:
+        raise DataError(f"{row.where}: missing field {field!r}.")
+    if isinstance(value, list):
+        return check_messages(row, field)
+    return check_text(row, field)
+
+
+def sft_kind(row: Row) -> str:
+    """Which SFT layout a row uses: ``messages``, ``prompt_completion`` or ``text``."""
+    if "messages" in row.data:
+        check_messages(row, "messages", need_assistant=True)
+        return "messages"
+    if "prompt" in row.data or "completion" in row.data:
+        prompt = check_text_or_messages(row, "prompt")
+        completion = check_text_or_messages(row, "completion")
+        if isinstance(prompt, list) != isinstance(completion, list):
+            raise DataError(f"{row.where}: 'prompt' and 'completion' must both be strings or both message lists.")
+        return "prompt_completion"
+    if "text" in row.data:
+        check_text(row, "text")
+        return "text"
+    raise DataError(
+        f"{row.where}: no SFT columns found (have {sorted(row.data)}); expected 'messages', "
+        "'prompt' + 'completion', or 'text'. Map other names with data.columns."
+    )
+
+
+def check_preference(row: Row) -> None:
+    """Paired preference row: prompt, chosen, rejected, all strings or all conversational."""
+    for field in ("chosen", "rejected"):
+        if field not in row.data:
+            raise DataError(f"{row.where}: missing field {field!r} (a preference row needs prompt, chosen, rejected).")
+    values = [check_text_or_messages(row, f) for f in ("prompt", "chosen", "rejected")]
+    if len({isinstance(v, list) for v in values}) > 1:
+        raise DataError(f"{row.where}: prompt, chosen and rejected must all be strings or all message lists.")
+    if values[1] == values[2]:
+        raise DataError(f"{row.where}: 'chosen' and 'rejected' are identical; the pair carries no preference.")
+
+
+def check_unpaired(row: Row) -> None:
+    check_text_or_messages(row, "prompt")
+    check_text_or_messages(row, "completion")
+    if not isinstance(row.data.get("label"), bool):
+        raise DataError(f"{row.where}: field 'label' must be true or false.")
+
+
+def check_prompt_only(row: Row) -> None:
+    check_text_or_messages(row, "prompt")
+
+
+def check_process_reward(row: Row) -> None:
+    check_text(row, "prompt")
+    steps, labels = row.data.get("completions"), row.data.get("labels")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise DataError(f"{row.where}: field 'completions' must be a non-empty list of non-empty step strings.")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(f"{row.where}: field 'labels' must be a list with one label per step ({len(steps)}).")
+    for i, label in enumerate(labels):
+        ok = isinstance(label, bool) or (isinstance(label, (int, float)) and 0.0 <= float(label) <= 1.0)
+        if not ok:
+            raise DataError(f"{row.where}: labels[{i}] must be a bool or a number in [0, 1], got {label!r}.")

@@ -1,0 +1,1 @@
+"""Model loading and the tiny local models used by tests and quickstarts."""

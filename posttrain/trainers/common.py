@@ -1,0 +1,105 @@
+"""Pieces every recipe uses: the shared top of a recipe config, run directories, seeding, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    LearnerConfig,
+    LoggingConfig,
+    ModelConfig,
+    TrainConfig,
+    doc,
+)
+from posttrain.errors import UserError
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass
+class RecipeConfig:
+    """Keys every recipe has. Trainers extend it with their own sections."""
+
+    trainer: str = doc("", "Which trainer runs this recipe (see `posttrain recipes`).")
+    output_dir: str = doc("runs/default", "Run directory: metrics, plots, checkpoints, the resolved recipe.")
+    seed: int = doc(0, "Seed for data order, initialisation and sampling.")
+    resume: str = doc("never", "'auto': continue from the newest complete checkpoint in output_dir; 'never'; or a checkpoint path.")
+    overwrite: bool = doc(False, "Allow starting afresh in an output_dir that already holds a run.")
+    model: ModelConfig = doc(ModelConfig, "The model to train.")
+    data: DataConfig = doc(DataConfig, "Training and evaluation data.")
+    learner: LearnerConfig = doc(LearnerConfig, "DeepSpeed optimisation settings.")
+    train: TrainConfig = doc(TrainConfig, "Loop length, batch sizes, evaluation cadence.")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "Checkpoint cadence and retention.")
+    logging: LoggingConfig = doc(LoggingConfig, "Metrics sinks and plots.")
+
+    def validate(self, source: str) -> None:
+        if self.resume not in ("never", "auto") and not Path(self.resume).exists():
+            raise UserError(f"resume in {source} must be 'auto', 'never' or an existing checkpoint path, got {self.resume!r}.")
+
+
+def setup_logging(is_main: bool) -> None:
+    """Our messages on rank 0; the engines' chatter only when it is a warning."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[posttrain] %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "vllm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def check_output_dir(cfg: RecipeConfig) -> None:
+    """Refuse to mix a fresh run into a directory that holds another one."""
+    out = Path(cfg.output_dir)
+    holds_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if holds_run and cfg.resume == "never" and not cfg.overwrite:
+        raise UserError(
+            f"output_dir {str(out)!r} already holds a run.",
+            hint="Continue it with resume=auto, start afresh with overwrite=true, or choose another output_dir.",
+        )
+
+
+def prepare_output_dir(cfg: RecipeConfig, resolved: dict, is_main: bool) -> Path:
+    """Create the run directory (after every check has passed) and store the resolved recipe."""
+    import yaml
+
+    out = Path(cfg.output_dir)
+    if is_main:
+        if cfg.overwrite and cfg.resume == "never":
+            import shutil
+
+            for name in ("checkpoints", "metrics.jsonl", "tensorboard", "plots", "summary.json"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return out
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
