@@ -169,6 +169,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "the recipe",
         obj = cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{prefix or 'the recipe'} in {source} is incomplete: {err}.") from None
+    for name in fields:  # sections left at their defaults are checked too (e.g. a missing model.path)
+        value = getattr(obj, name)
+        if name not in data and dataclasses.is_dataclass(value) and hasattr(value, "validate"):
+            value.validate(source)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate(source)

@@ -94,6 +94,10 @@ class Learner:
 
     def step(self) -> None:
         """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        if self.config.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # Without ZeRO, DeepSpeed clips but does not report the norm; grads are reduced by now.
+            grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
+            self._plain_grad_norm = float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
         self.engine.step()
 
     @property
@@ -102,9 +106,10 @@ class Learner:
 
     @property
     def grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step, before clipping."""
         value = self.engine.get_global_grad_norm()
         if value is None:
-            return None
+            return getattr(self, "_plain_grad_norm", None)
         return float(value.item() if torch.is_tensor(value) else value)
 
     def save_state(self, directory: str, client_state: dict | None = None) -> None:

@@ -49,7 +49,7 @@ def setup_logging(is_main: bool) -> None:
     """Our messages on rank 0; the engines' chatter only when it is a warning."""
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="[posttrain] %(message)s",
                         stream=sys.stderr, force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "vllm"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx", "vllm", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import transformers

@@ -33,9 +33,18 @@ from posttrain.config.loader import to_dict
 from posttrain.config.schema import check_batch_sizes
 from posttrain.data.loading import load_rows, split_train_eval
 from posttrain.data.sampler import GlobalBatchSampler
-from posttrain.data.tokenize import IGNORE, LengthReport, TokenizedExample, collate, fit_length, pack_examples, sft_example
+from posttrain.data.tokenize import (
+    IGNORE,
+    LengthReport,
+    TokenizedExample,
+    collate,
+    fit_length,
+    pack_examples,
+    sft_example,
+)
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import DataError
+from posttrain.faults import maybe_kill
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.learner.save import save_hf_model
@@ -183,6 +192,7 @@ class Recipe:
             every = cfg.checkpoint.every_n_steps
             if (every and done % every == 0) or (done == self.total_steps and cfg.checkpoint.save_final):
                 self.save(done)
+            maybe_kill(done)
         progress.close()
         return self.finish(time.perf_counter() - started)
 
