@@ -103,3 +103,19 @@ def prepare_output_dir(cfg: RecipeConfig, resolved: dict, is_main: bool) -> Path
 
 def write_summary(out: Path, summary: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def eval_batches(examples: list, dist, batch_size: int):
+    """This rank's share of an eval set in batches, as ``(batch, real)`` pairs.
+
+    ZeRO-3 gathers weights inside every forward, so every rank must run the
+    same number of passes: ranks that run out repeat a batch with ``real=False``
+    (its results are discarded).
+    """
+    import math
+
+    shard = examples[dist.rank :: dist.world_size]
+    per_rank = math.ceil(len(examples) / dist.world_size)
+    for start in range(0, per_rank, batch_size):
+        batch = shard[start : start + batch_size]
+        yield (batch, True) if batch else (examples[:1], False)

@@ -23,13 +23,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from posttrain.checkpoint import Checkpointer, model_identity
-from posttrain.config.loader import to_dict
 from posttrain.config.schema import check_batch_sizes
 from posttrain.data.loading import load_rows, split_train_eval
 from posttrain.data.sampler import GlobalBatchSampler
@@ -47,16 +44,9 @@ from posttrain.errors import DataError
 from posttrain.faults import maybe_kill
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
-from posttrain.learner.save import save_hf_model
-from posttrain.metrics import MetricsLogger
 from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
-from posttrain.trainers.common import (
-    RecipeConfig,
-    check_output_dir,
-    prepare_output_dir,
-    seed_everything,
-    write_summary,
-)
+from posttrain.trainers.common import RecipeConfig, check_output_dir, eval_batches, seed_everything
+from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
 
 log = logging.getLogger("posttrain")
 
@@ -140,18 +130,9 @@ class Recipe:
                  len(self.train_set), len(self.eval_set), report.summary(), self.total_steps,
                  cfg.train.global_batch_size, self.sampler.dropped_per_epoch)
         self.learner = self._setup_learner()
-        identity = {"trainer": cfg.trainer, "model": model_identity(cfg.model.path), "data": cfg.data.path,
-                    "seed": cfg.seed, "global_batch_size": cfg.train.global_batch_size, "lora": cfg.model.lora.enabled}
-        self.checkpointer = Checkpointer(Path(cfg.output_dir), rank=self.dist.rank, keep_last=cfg.checkpoint.keep_last,
-                                         identity=identity)
-        resume_from = self.checkpointer.find_resume(cfg.resume)
-        self.out = prepare_output_dir(cfg, to_dict(cfg), self.dist.is_main)
-        self.start_step = 0
-        self.history: dict = {}
-        if resume_from is not None:
-            self.start_step = self._resume(resume_from)
-        self.metrics = MetricsLogger(self.out, cfg.logging, enabled=self.dist.is_main, run_name=self.out.name,
-                                     resume_step=self.start_step if resume_from else None, config=to_dict(cfg))
+        self.run = RunHarness(cfg, self.dist, run_identity(cfg))
+        self.run.restore(self.learner)
+        self.run.open_metrics()
 
     def _setup_learner(self):
         cfg = self.cfg
@@ -162,39 +143,35 @@ class Recipe:
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
                              total_steps=self.total_steps)
 
-    def _resume(self, checkpoint: Path) -> int:
-        self.learner.load_state(str(checkpoint / "state"))
-        self.checkpointer.load_rng(checkpoint)
-        state = self.checkpointer.trainer_state(checkpoint)
-        self.history = state.get("history", {})
-        log.info("resumed from %s at step %d", checkpoint, state["step"])
-        return int(state["step"])
-
     # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        cfg, dist = self.cfg, self.dist
-        if self.start_step == 0:
-            self.history["eval_loss_start"] = self.evaluate()
-            self.metrics.log(0, {"eval_loss": self.history["eval_loss_start"]})
-        progress = _progress(self.total_steps, self.start_step, enabled=dist.is_main and cfg.logging.progress)
+        cfg, run = self.cfg, self.run
+        if run.start_step == 0:
+            run.history["eval_loss_start"] = self.evaluate()
+            run.log(0, {"eval_loss": run.history["eval_loss_start"]})
+        progress = progress_bar(self.total_steps, run.start_step, self.dist.is_main and cfg.logging.progress)
         started = time.perf_counter()
-        for step in range(self.start_step, self.total_steps):
+        for step in range(run.start_step, self.total_steps):
             metrics = self.train_step(step)
             done = step + 1
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < self.total_steps:
                 metrics["eval_loss"] = self.evaluate()
             if done == self.total_steps:
-                metrics["eval_loss"] = self.history["eval_loss_end"] = self.evaluate()
+                metrics["eval_loss"] = run.history["eval_loss_end"] = self.evaluate()
             if done % cfg.train.log_every == 0 or "eval_loss" in metrics:
-                self.metrics.log(done, metrics)
+                run.log(done, metrics)
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            every = cfg.checkpoint.every_n_steps
-            if (every and done % every == 0) or (done == self.total_steps and cfg.checkpoint.save_final):
-                self.save(done)
+            if should_checkpoint(cfg, done, self.total_steps):
+                run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
             maybe_kill(done)
         progress.close()
-        return self.finish(time.perf_counter() - started)
+        start, end = run.history.get("eval_loss_start"), run.history.get("eval_loss_end")
+        if self.dist.is_main and start is not None and end is not None:
+            log.info("eval loss %.4f -> %.4f", start, end)
+        return run.finish({"steps": self.total_steps, "eval_loss_start": start, "eval_loss_end": end,
+                           "train_seconds": round(time.perf_counter() - started, 2)},
+                          [["loss", "eval_loss"], ["lr"], ["grad_norm"]])
 
     def train_step(self, step: int) -> dict:
         cfg, dist = self.cfg, self.dist
@@ -226,64 +203,16 @@ class Recipe:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Token-weighted mean loss on the eval set, sharded over ranks (same pass count on each)."""
+        """Token-weighted mean loss on the eval set, sharded over ranks."""
         if not self.eval_set:
             return None
-        dist, size = self.dist, self.cfg.train.eval_batch_size
         self.learner.eval()
-        shard = self.eval_set[dist.rank :: dist.world_size]
-        per_rank = math.ceil(len(self.eval_set) / dist.world_size)
         loss_sum, targets = 0.0, 0
-        for start in range(0, per_rank, size):
-            examples = shard[start : start + size]
-            real = bool(examples)
-            # ZeRO-3 gathers weights inside forward: every rank must run the same number of passes.
-            batch = collate(examples or self.eval_set[:1], self.tokenizer.pad_token_id)
+        for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
+            batch = collate(examples, self.tokenizer.pad_token_id)
             logits = self.learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if real:
                 loss_sum += token_loss_sum(logits, batch["labels"]).item()
                 targets += count_targets(examples)
         total, count = all_reduce_sum([loss_sum, targets])
         return total / max(count, 1)
-
-    # ---------------------------------------------------------------- save
-    def save(self, step: int) -> Path:
-        lora = self.cfg.model.lora
-        scaling = lora.alpha / lora.r if lora.enabled else None
-
-        def write_model(directory: Path) -> None:
-            save_hf_model(self.learner.module, directory, tokenizer=self.tokenizer, is_main=self.dist.is_main,
-                          lora_scaling=scaling, save_merged=lora.save_merged)
-
-        path = self.checkpointer.save(step, {"history": self.history, "total_steps": self.total_steps},
-                                      write_model, self.learner.save_state)
-        self.last_checkpoint = path
-        return path
-
-    def finish(self, seconds: float) -> dict:
-        plots = self.metrics.close([["loss", "eval_loss"], ["lr"], ["grad_norm"]])
-        summary = {
-            "trainer": self.cfg.trainer,
-            "steps": self.total_steps,
-            "eval_loss_start": self.history.get("eval_loss_start"),
-            "eval_loss_end": self.history.get("eval_loss_end"),
-            "train_seconds": round(seconds, 2),
-            "checkpoint": str(getattr(self, "last_checkpoint", "")) or None,
-            "plots": [str(p) for p in plots],
-        }
-        if self.dist.is_main:
-            write_summary(self.out, summary)
-            start, end = summary["eval_loss_start"], summary["eval_loss_end"]
-            if start is not None and end is not None:
-                log.info("eval loss %.4f -> %.4f", start, end)
-            if summary["checkpoint"]:
-                log.info("checkpoint: %s", summary["checkpoint"])
-            if plots:
-                log.info("plots: %s", self.out / "plots")
-        return summary
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
