@@ -60,6 +60,10 @@ class DataConfig:
     overlong: Literal["truncate", "drop", "error"] = doc(
         "truncate", "What to do with examples longer than max_length: cut the end, skip and count, or stop."
     )
+    invalid_rows: Literal["error", "skip"] = doc(
+        "error", "A row that breaks the format (missing field, empty text, bad role, chosen == rejected): stop "
+        "with an error naming file, row and field, or skip it and count it in the log."
+    )
     packing: bool = doc(False, "Pack several examples into one max_length row (SFT).")
     shuffle: bool = doc(True, "Shuffle the training data each epoch (seeded).")
     chat_template: str | None = doc(None, "A Jinja chat template that replaces the tokenizer's.")

@@ -150,3 +150,23 @@ def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list,
     train = [row for i, row in enumerate(rows) if i not in held]
     evaluation = [row for i, row in enumerate(rows) if i in held]
     return train, evaluation
+
+
+def filter_valid(rows: list[Row], check, policy: str) -> tuple[list[Row], dict[str, int]]:
+    """Apply a row check; with ``policy='skip'`` count failures by reason instead of stopping.
+
+    The reason is the error message without its row prefix, so the log shows
+    e.g. ``{"missing field 'rejected'": 3}``.
+    """
+    valid, skipped = [], {}
+    for row in rows:
+        try:
+            check(row)
+        except DataError as err:
+            if policy == "error":
+                raise
+            reason = err.message.split(": ", 1)[-1].split(" (")[0]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        valid.append(row)
+    return valid, skipped

@@ -31,7 +31,48 @@ def arithmetic_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dic
     return [arithmetic_row(rng, max_operand) for _ in range(n)]
 
 
-TASKS = {"arithmetic": arithmetic_rows}
+def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Pairs whose chosen answer is right and rejected answer wrong (by 1 to 10, either way).
+
+    Also carries ``answer`` so greedy accuracy can be measured on the same prompts.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        wrong = a + b + rng.choice([-1, 1]) * rng.randint(1, 10)
+        if wrong < 0:
+            wrong = a + b + rng.randint(1, 10)
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+            "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}],
+            "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}. The answer is \\boxed{{{wrong}}}."}],
+            "answer": str(a + b),
+        })
+    return rows
+
+
+def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """PRM rows: a sum worked out in steps, some steps wrong (label false) from the first error on."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        terms = [rng.randint(0, max_operand) for _ in range(rng.randint(3, 4))]
+        steps, labels, total, broken = [], [], terms[0], False
+        error_at = rng.randint(1, len(terms) - 1) if rng.random() < 0.5 else None
+        for i, term in enumerate(terms[1:], start=1):
+            right = total + term
+            claimed = right + rng.choice([-3, -2, -1, 1, 2, 3]) if i == error_at else right
+            broken = broken or claimed != right
+            steps.append(f"{total} + {term} = {claimed}")
+            labels.append(not broken)
+            total = claimed
+        question = "What is " + " + ".join(str(t) for t in terms) + "?"
+        rows.append({"prompt": question, "completions": steps, "labels": labels})
+    return rows
+
+
+TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "process": process_rows}
 
 
 def write_task(task: str, out_dir: str | Path, *, train: int, test: int, seed: int = 0, **kwargs) -> dict[str, Path]:

@@ -66,6 +66,7 @@ def save_hf_model(module: torch.nn.Module, directory: Path, *, tokenizer, is_mai
             targets.append((directory / "merged", merge_lora_tensors(state, scaling=lora_scaling)))
     else:
         targets.append((directory / "model", state))
+    config.architectures = [type(base).__name__]  # what from_pretrained instantiates by default
     for target, weights in targets:
         target.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(target)

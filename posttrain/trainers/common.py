@@ -119,3 +119,18 @@ def eval_batches(examples: list, dist, batch_size: int):
     for start in range(0, per_rank, batch_size):
         batch = shard[start : start + batch_size]
         yield (batch, True) if batch else (examples[:1], False)
+
+
+def accumulate_sums(sums: dict[str, float], values: dict) -> None:
+    """Add each tensor's sum into ``sums`` (per-example metrics, reduced later)."""
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + float(value.sum())
+
+
+def global_means(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Sum ``sums`` over ranks and divide by the global example count."""
+    from posttrain.distributed import all_reduce_sum
+
+    keys = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in keys])
+    return {k: v / max(count, 1) for k, v in zip(keys, totals)}

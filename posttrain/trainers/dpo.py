@@ -1,0 +1,308 @@
+"""Direct preference optimisation and its relatives (IPO, SimPO, ORPO, RPO, robust/conservative DPO, ...).
+
+Supports:
+  - every preference loss of ``posttrain.algorithms`` by name (``dpo.loss_type``), or a weighted
+    combination (``dpo.loss_type: [sigmoid, sft]`` with ``dpo.loss_weights``)
+  - a reference from the policy's initial weights or its own path; with LoRA the reference is the base
+    model with the adapter disabled; precomputed reference log-probs (one pass, cached by fingerprint)
+  - reference-free losses (SimPO, ORPO) load no reference at all
+  - chosen and rejected in one concatenated forward
+  - metrics on train and eval: loss, reward accuracy, margins, chosen/rejected rewards and log-probs
+  - DeepSpeed ZeRO 0-3, 1..N processes, checkpoints and ``resume=auto``
+
+Assumes:
+  - paired data: ``prompt``, ``chosen``, ``rejected`` (strings or message lists)
+
+Direct Preference Optimization: Your Language Model is Secretly a Reward Model (Rafailov et al., 2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain import algorithms
+from posttrain.config.schema import ConfigError, check_batch_sizes, doc
+from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
+from posttrain.data.sampler import GlobalBatchSampler
+from posttrain.distributed import DistInfo, all_reduce_sum
+from posttrain.errors import DataError
+from posttrain.faults import maybe_kill
+from posttrain.learner import build_learner
+from posttrain.learner.engine import apply_lora
+from posttrain.learner.logprobs import completion_logprobs
+from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
+from posttrain.trainers.common import (
+    RecipeConfig,
+    accumulate_sums,
+    check_output_dir,
+    eval_batches,
+    global_means,
+    seed_everything,
+)
+from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
+from posttrain.trainers.reference import FrozenReference, cache_key, eval_mode, load_or_compute
+
+log = logging.getLogger("posttrain")
+
+# Losses that use only the policy (no reference model is loaded for them).
+REFERENCE_FREE = {"simpo", "orpo", "sft"}
+# Losses defined on length-normalised (average per token) log-probs.
+LENGTH_NORMALISED = {"simpo", "orpo"}
+
+
+@dataclass
+class DPOSettings:
+    loss_type: list[str] = doc(["sigmoid"], "Preference loss names (see docs/algorithms.md); several are summed with loss_weights.")
+    loss_weights: list[float] | None = doc(None, "One weight per loss_type (default: all 1).")
+    beta: float = doc(0.1, "Inverse temperature of the implicit reward (beta in DPO; tau in IPO).")
+    label_smoothing: float = doc(0.0, "Assumed share of flipped labels (conservative / robust DPO).")
+    loss_args: dict = doc({}, "Extra keyword arguments of the loss, e.g. {gamma: 0.5} for SimPO's margin.")
+    reference_path: str | None = doc(None, "Reference model directory (default: the policy's initial weights).")
+    precompute_reference: bool = doc(False, "Compute reference log-probs once before training and cache them.")
+
+    def validate(self, source: str) -> None:
+        known = set(algorithms.PREFERENCE_LOSSES) | {"sft"}
+        for name in self.loss_type:
+            if name not in known:
+                import difflib
+
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"Did you mean {close[0]!r}?" if close else f"Valid: {', '.join(sorted(known))}."
+                raise ConfigError(f"unknown dpo.loss_type {name!r} in {source}.", hint=hint)
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(f"dpo.loss_weights in {source} needs one weight per loss_type ({len(self.loss_type)}).")
+
+
+@dataclass
+class Config(RecipeConfig):
+    dpo: DPOSettings = field(default_factory=DPOSettings, metadata={"help": "Preference-loss settings."})
+
+
+def prepare_data(cfg: Config, tokenizer):
+    return load_pairs(cfg.data, cfg.seed, tokenizer)
+
+
+def preflight(cfg: Config, world_size: int, source: str) -> None:
+    check_model_path(cfg.model.path)
+    if cfg.dpo.reference_path:
+        check_model_path(cfg.dpo.reference_path)
+    check_batch_sizes(cfg.train, world_size, source)
+    check_output_dir(cfg)
+    train, _, _, _ = prepare_data(cfg, load_tokenizer(cfg.model, cfg.data.chat_template))
+    if len(train) < cfg.train.global_batch_size:
+        raise DataError(f"{cfg.data.path}: {len(train)} valid pairs are fewer than one global batch "
+                        f"(train.global_batch_size={cfg.train.global_batch_size}).")
+
+
+def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-pair loss: the weighted sum of the configured preference losses.
+
+    ``logps`` holds summed log-probs (``chosen``, ``rejected``, ``ref_chosen``,
+    ``ref_rejected``) and completion token counts (``chosen_len``, ``rejected_len``).
+    """
+    weights = settings.loss_weights or [1.0] * len(settings.loss_type)
+    total = torch.zeros_like(logps["chosen"])
+    for name, weight in zip(settings.loss_type, weights):
+        if name == "sft":  # NLL of the chosen completion per token (RPO's auxiliary term)
+            total = total + weight * (-logps["chosen"] / logps["chosen_len"].clamp(min=1))
+            continue
+        chosen, rejected = logps["chosen"], logps["rejected"]
+        if name in LENGTH_NORMALISED:
+            chosen, rejected = chosen / logps["chosen_len"].clamp(min=1), rejected / logps["rejected_len"].clamp(min=1)
+        ref = {} if name in REFERENCE_FREE else {"ref_chosen_logps": logps["ref_chosen"],
+                                                 "ref_rejected_logps": logps["ref_rejected"]}
+        extra = dict(settings.loss_args)
+        extra.setdefault("chosen_lengths", logps["chosen_len"])
+        extra.setdefault("rejected_lengths", logps["rejected_len"])
+        losses = algorithms.preference_loss(name, chosen, rejected, beta=settings.beta,
+                                            label_smoothing=settings.label_smoothing, **ref, **extra)
+        total = total + weight * losses
+    return total
+
+
+class Recipe:
+    def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.source = source
+        self.needs_reference = any(name not in REFERENCE_FREE for name in cfg.dpo.loss_type)
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        check_output_dir(cfg)
+        self.grad_accum = check_batch_sizes(cfg.train, self.dist.world_size, self.source)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+        self.train_set, self.eval_set, report, skipped = prepare_data(cfg, self.tokenizer)
+        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.global_batch_size, seed=cfg.seed,
+                                          shuffle=cfg.data.shuffle)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
+        log.info("data: %d train / %d eval pairs; %s; invalid rows skipped: %s; %d steps",
+                 len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
+        self.learner = self._setup_learner()
+        self.reference = self._setup_reference()
+        self.run = RunHarness(cfg, self.dist, run_identity(cfg, losses=cfg.dpo.loss_type))
+        self.run.history["skipped_rows"] = skipped
+        self.run.restore(self.learner)
+        self.run.open_metrics()
+        self.cached_reference = None
+        if self.needs_reference and cfg.dpo.precompute_reference:
+            self.cached_reference = self._precompute_reference()
+
+    def _setup_learner(self):
+        cfg = self.cfg
+        model = load_causal_lm(cfg.model)
+        if cfg.model.lora.enabled:
+            model = apply_lora(model, cfg.model.lora)
+        return build_learner(model, cfg.learner, world_size=self.dist.world_size,
+                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
+                             total_steps=self.total_steps)
+
+    def _setup_reference(self) -> FrozenReference | None:
+        cfg = self.cfg
+        if not self.needs_reference:
+            return None
+        if cfg.model.lora.enabled and not cfg.dpo.reference_path:
+            return FrozenReference(None, policy=self.learner)
+        path = cfg.dpo.reference_path or cfg.model.path
+        model = load_causal_lm(type(cfg.model)(path=path, dtype=cfg.model.dtype,
+                                               trust_remote_code=cfg.model.trust_remote_code))
+        return FrozenReference(model, zero_stage=cfg.learner.zero_stage)
+
+    def _precompute_reference(self) -> dict[str, torch.Tensor]:
+        """Reference log-prob sums for every train and eval pair, in dataset order."""
+        cfg = self.cfg
+        key = cache_key(cfg.dpo.reference_path or cfg.model.path, cfg.data.path, cfg.data.eval_path,
+                        cfg.data.max_length, cfg.seed, [(e.prompt_ids, e.chosen_ids, e.rejected_ids)
+                                                        for e in self.train_set + self.eval_set])
+
+        def compute():
+            with eval_mode(self.learner):
+                return {"train": self._reference_pass(self.train_set), "eval": self._reference_pass(self.eval_set)}
+
+        values = load_or_compute(self.run.out / "cache", key, compute, is_main=self.dist.is_main)
+        self.reference = None  # no longer needed: free the copy
+        return values
+
+    def _reference_pass(self, examples: list[PreferenceExample]) -> torch.Tensor:
+        """[N, 2] reference sums (chosen, rejected); every rank computes all (small) then agrees."""
+        out = torch.zeros(len(examples), 2, dtype=torch.float64)
+        size = self.cfg.train.eval_batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            batch = collate_preference(chunk, self.tokenizer.pad_token_id)
+            logits = self.reference.logits(batch["input_ids"], batch["attention_mask"])
+            sums, _ = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+            out[start : start + len(chunk)] = torch.stack(sums.double().chunk(2), dim=1)
+        return out
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> dict:
+        cfg, run = self.cfg, self.run
+        if run.start_step == 0:
+            run.history["eval_start"] = self.evaluate()
+            run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
+        progress = progress_bar(self.total_steps, run.start_step, self.dist.is_main and cfg.logging.progress)
+        started = time.perf_counter()
+        for step in range(run.start_step, self.total_steps):
+            metrics = self.train_step(step)
+            done = step + 1
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == self.total_steps:
+                evaluation = self.evaluate()
+                metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
+                if done == self.total_steps:
+                    run.history["eval_end"] = evaluation
+            if done % cfg.train.log_every == 0 or done == self.total_steps:
+                run.log(done, metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+            if should_checkpoint(cfg, done, self.total_steps):
+                run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
+            maybe_kill(done)
+        progress.close()
+        start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
+        if self.dist.is_main and end:
+            log.info("eval reward accuracy %.3f -> %.3f, loss %.4f -> %.4f", start.get("rewards/accuracy", math.nan),
+                     end.get("rewards/accuracy", math.nan), start.get("loss", math.nan), end.get("loss", math.nan))
+        return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
+                           "skipped_rows": run.history.get("skipped_rows"),
+                           "train_seconds": round(time.perf_counter() - started, 2)},
+                          [["loss", "eval/loss"], ["rewards/accuracy", "eval/rewards/accuracy"],
+                           ["rewards/margin", "eval/rewards/margin"], ["logps/chosen", "logps/rejected"]])
+
+    def pair_logps(self, examples: list[PreferenceExample], indices: list[int] | None, split: str,
+                   forward) -> dict[str, torch.Tensor]:
+        """Policy (and reference) log-prob sums and lengths for a micro-batch of pairs."""
+        batch = collate_preference(examples, self.tokenizer.pad_token_id)
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums, counts = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+        chosen, rejected = sums.chunk(2)
+        chosen_len, rejected_len = counts.chunk(2)
+        out = {"chosen": chosen, "rejected": rejected, "chosen_len": chosen_len, "rejected_len": rejected_len}
+        if self.needs_reference:
+            if self.cached_reference is not None and indices is not None:
+                ref = self.cached_reference[split][indices].to(chosen.dtype)
+                out["ref_chosen"], out["ref_rejected"] = ref[:, 0], ref[:, 1]
+            else:
+                ref_logits = self.reference.logits(batch["input_ids"], batch["attention_mask"])
+                ref_sums, _ = completion_logprobs(ref_logits, batch["input_ids"], batch["completion_mask"])
+                out["ref_chosen"], out["ref_rejected"] = ref_sums.detach().chunk(2)
+        return out
+
+    def _reward_stats(self, logps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        beta = self.cfg.dpo.beta
+        if self.needs_reference:
+            chosen_r = beta * (logps["chosen"] - logps["ref_chosen"]).detach()
+            rejected_r = beta * (logps["rejected"] - logps["ref_rejected"]).detach()
+        else:  # reference-free: the implicit reward is the (length-normalised) log-prob
+            chosen_r = beta * (logps["chosen"] / logps["chosen_len"].clamp(min=1)).detach()
+            rejected_r = beta * (logps["rejected"] / logps["rejected_len"].clamp(min=1)).detach()
+        return {"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                "rewards/accuracy": (chosen_r > rejected_r).float(), "rewards/margin": chosen_r - rejected_r,
+                "logps/chosen": logps["chosen"].detach(), "logps/rejected": logps["rejected"].detach()}
+
+    def train_step(self, step: int) -> dict:
+        cfg, dist = self.cfg, self.dist
+        self.learner.train()
+        # Per-pair losses are averaged over the global batch, whatever its split into ranks and micro-batches.
+        scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
+        sums: dict[str, float] = {}
+        for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
+            logps = self.pair_logps([self.train_set[i] for i in ids], ids, "train", self.learner)
+            losses = pair_losses(cfg.dpo, logps)
+            self.learner.backward(losses.sum() * scale)
+            self.learner.step()
+            accumulate_sums(sums, {"loss": losses.detach(), **self._reward_stats(logps)})
+        metrics = global_means(sums, cfg.train.global_batch_size)
+        metrics["lr"] = self.learner.lr
+        if self.learner.grad_norm is not None:
+            metrics["grad_norm"] = self.learner.grad_norm
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_set:
+            return {}
+        sums: dict[str, float] = {}
+        count = 0
+        with eval_mode(self.learner):
+            shard_index = list(range(len(self.eval_set)))[self.dist.rank :: self.dist.world_size]
+            offset = 0
+            for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
+                indices = shard_index[offset : offset + len(examples)] if real else None
+                logps = self.pair_logps(examples, indices, "eval", self.learner)
+                if real:
+                    offset += len(examples)
+                    count += len(examples)
+                    accumulate_sums(sums, {"loss": pair_losses(self.cfg.dpo, logps), **self._reward_stats(logps)})
+        (total,) = all_reduce_sum([count])
+        return global_means(sums, total)
+
