@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.formats import check_preference
-from posttrain.data.loading import Row, filter_valid, load_rows, split_train_eval
+from posttrain.data.loading import Row
+from posttrain.data.pipeline import load_examples
 from posttrain.data.tokenize import LengthReport, render_chat
 from posttrain.errors import DataError
 
@@ -96,31 +97,9 @@ def collate_preference(examples: list[PreferenceExample], pad_token_id: int) -> 
 
 
 def load_pairs(data_cfg, seed: int, tokenizer) -> tuple[list, list, LengthReport, dict[str, int]]:
-    """Load, check (per ``data.invalid_rows``), tokenise and length-filter train and eval pairs.
+    """Load, check (per ``data.invalid_rows``), tokenise and length-filter train and eval pairs."""
+    def encode(row: Row, report: LengthReport):
+        return fit_preference(preference_example(tokenizer, row), data_cfg.max_length, data_cfg.overlong,
+                              row.where, report)
 
-    Returns (train, eval, length report, skipped-row counts by reason).
-    """
-    rows = load_rows(data_cfg.path, split=data_cfg.split, columns=data_cfg.columns)
-    if data_cfg.eval_path:
-        train_rows, eval_rows = rows, load_rows(data_cfg.eval_path, split=data_cfg.split, columns=data_cfg.columns)
-    else:
-        train_rows, eval_rows = split_train_eval(rows, data_cfg.eval_fraction, seed)
-    report = LengthReport()
-    skipped: dict[str, int] = {}
-
-    def encode(part):
-        valid, bad = filter_valid(part, check_preference, data_cfg.invalid_rows)
-        for reason, count in bad.items():
-            skipped[reason] = skipped.get(reason, 0) + count
-        out = []
-        for row in valid:
-            example = fit_preference(preference_example(tokenizer, row), data_cfg.max_length, data_cfg.overlong,
-                                     row.where, report)
-            if example is not None:
-                out.append(example)
-        return out
-
-    train, evaluation = encode(train_rows), encode(eval_rows)
-    if not train:
-        raise DataError(f"{data_cfg.path}: no valid preference pairs left ({report.summary()}; skipped {skipped}).")
-    return train, evaluation, report, skipped
+    return load_examples(data_cfg, seed, check_preference, encode)

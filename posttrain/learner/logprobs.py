@@ -12,7 +12,9 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperatu
     Computed as a negated cross-entropy, which avoids materialising a second
     [B, T, V] tensor of log-softmax values.
     """
-    shifted = logits[:, :-1].float()
+    shifted = logits[:, :-1]
+    if shifted.dtype in (torch.float16, torch.bfloat16):  # log-softmax in low precision loses too much
+        shifted = shifted.float()
     if temperature != 1.0:
         shifted = shifted / temperature
     targets = input_ids[:, 1:]

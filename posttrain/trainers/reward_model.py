@@ -1,16 +1,22 @@
-"""Reward-model training (Bradley-Terry) on paired preferences.
+"""Scoring-model training: outcome reward models (``trainer: rm``) and process reward models (``trainer: prm``).
 
 Supports:
-  - ``AutoModelForSequenceClassification`` (one score) from a causal LM checkpoint (new head) or an RM
-  - Bradley-Terry loss with an optional per-pair ``margin`` column and reward centring
-  - eval pairwise accuracy; DeepSpeed ZeRO 0-3, LoRA, 1..N processes, checkpoints and ``resume=auto``
-  - the saved model is the ``orm`` reward of ``reward_models`` unchanged
+  - rm: ``AutoModelForSequenceClassification`` (one score), Bradley-Terry loss with an optional
+    per-pair ``margin`` column and reward centring; eval pairwise accuracy. The saved model is the
+    ``orm`` reward of ``reward_models`` unchanged.
+  - prm: ``AutoModelForTokenClassification`` (2 labels), per-step binary cross-entropy at step positions
+    with hard labels or soft Monte-Carlo values; eval per-step accuracy against a constant predictor.
+    The saved model is the ``prm`` reward unchanged (input convention in ``posttrain.data.process``).
+  - from a causal LM checkpoint (new, seeded head) or a scoring checkpoint; DeepSpeed ZeRO 0-3, LoRA,
+    1..N processes, checkpoints and ``resume=auto``
 
 Assumes:
-  - paired data: ``prompt``, ``chosen``, ``rejected`` (strings or message lists), optional ``margin``
+  - rm: paired data ``prompt``, ``chosen``, ``rejected`` (strings or message lists), optional ``margin``
+  - prm: ``prompt``, ``completions`` (steps), ``labels`` (bool or [0, 1] per step)
 
 Training language models to follow instructions with human feedback (Ouyang et al., 2022);
-Rank analysis of incomplete block designs: the method of paired comparisons (Bradley & Terry, 1952).
+Rank analysis of incomplete block designs: the method of paired comparisons (Bradley & Terry, 1952);
+Let's Verify Step by Step (Lightman et al., 2023); Math-Shepherd (Wang et al., 2024).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import torch
 from posttrain import algorithms
 from posttrain.config.schema import check_batch_sizes, doc
 from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
+from posttrain.data.process import DEFAULT_SEPARATOR, ProcessExample, collate_process, load_process
 from posttrain.data.sampler import GlobalBatchSampler
+from posttrain.data.tokenize import IGNORE
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import DataError
 from posttrain.faults import maybe_kill
@@ -54,15 +62,75 @@ class RMSettings:
 
 
 @dataclass
+class PRMSettings:
+    separator: str = doc(DEFAULT_SEPARATOR, "Text appended to the prompt and to every step; a step's score is read at its last token.")
+
+
+@dataclass
 class Config(RecipeConfig):
-    rm: RMSettings = field(default_factory=RMSettings, metadata={"help": "Reward-model loss settings."})
+    rm: RMSettings = field(default_factory=RMSettings, metadata={"help": "Reward-model loss settings (trainer: rm)."})
+    prm: PRMSettings = field(default_factory=PRMSettings, metadata={"help": "Process-reward settings (trainer: prm)."})
+
+
+class PairwiseTask:
+    """Outcome RM: one score per sequence, Bradley-Terry over (chosen, rejected)."""
+
+    head = "sequence"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def load(self, tokenizer):
+        return load_pairs(self.cfg.data, self.cfg.seed, tokenizer)
+
+    def forward(self, learner, examples: list[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Per-pair losses and the statistics averaged over pairs."""
+        batch = collate_preference(examples, pad_token_id)
+        scores = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        chosen, rejected = scores.float().chunk(2)
+        margins = torch.tensor([e.margin or 0.0 for e in examples]) if self.cfg.rm.use_margin else None
+        losses = algorithms.bradley_terry_loss(chosen, rejected, margin=margins,
+                                               center_coefficient=self.cfg.rm.center_coefficient)
+        return {"loss": losses, "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
+                "reward/chosen": chosen.detach(), "reward/rejected": rejected.detach()}
+
+
+class StepTask:
+    """PRM: a 2-way label at each step's last token; p(step is good) = softmax(logits)[1]."""
+
+    head = "token"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def load(self, tokenizer):
+        return load_process(self.cfg.data, self.cfg.seed, tokenizer, self.cfg.prm.separator)
+
+    def forward(self, learner, examples: list[ProcessExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Per-example losses (mean over its steps) and per-example step statistics."""
+        batch = collate_process(examples, pad_token_id)
+        logits = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        at_step = batch["step_labels"] != IGNORE
+        step_logits = logits[at_step]  # [steps, 2] in row-major order: example by example
+        targets = batch["step_labels"][at_step]
+        per_step = algorithms.process_reward_loss(step_logits[:, 1] - step_logits[:, 0], targets)
+        owner = at_step.nonzero()[:, 0]
+        counts = torch.bincount(owner, minlength=len(examples)).clamp(min=1).float()
+        losses = torch.zeros(len(examples)).index_add(0, owner, per_step) / counts
+        predicted_good = (step_logits[:, 1] > step_logits[:, 0]).float()
+        correct = (predicted_good == (targets >= 0.5).float()).float()
+        return {"loss": losses, "step_accuracy": torch.zeros(len(examples)).index_add(0, owner, correct) / counts,
+                "step_positive_rate": torch.zeros(len(examples)).index_add(0, owner, (targets >= 0.5).float()) / counts}
+
+
+TASKS = {"rm": PairwiseTask, "prm": StepTask}
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> None:
     check_model_path(cfg.model.path)
     check_batch_sizes(cfg.train, world_size, source)
     check_output_dir(cfg)
-    train, _, _, _ = load_pairs(cfg.data, cfg.seed, load_tokenizer(cfg.model, cfg.data.chat_template))
+    train, _, _, _ = TASKS[cfg.trainer](cfg).load(load_tokenizer(cfg.model, cfg.data.chat_template))
     if len(train) < cfg.train.global_batch_size:
         raise DataError(f"{cfg.data.path}: {len(train)} valid pairs are fewer than one global batch "
                         f"(train.global_batch_size={cfg.train.global_batch_size}).")
@@ -73,6 +141,7 @@ class Recipe:
         self.cfg = cfg
         self.dist = dist
         self.source = source
+        self.task = TASKS[cfg.trainer](cfg)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -80,19 +149,19 @@ class Recipe:
         check_output_dir(cfg)
         self.grad_accum = check_batch_sizes(cfg.train, self.dist.world_size, self.source)
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        self.train_set, self.eval_set, report, skipped = load_pairs(cfg.data, cfg.seed, self.tokenizer)
+        self.train_set, self.eval_set, report, skipped = self.task.load(self.tokenizer)
         self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.global_batch_size, seed=cfg.seed,
                                           shuffle=cfg.data.shuffle)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
-        log.info("data: %d train / %d eval pairs; %s; invalid rows skipped: %s; %d steps",
+        log.info("data: %d train / %d eval examples; %s; invalid rows skipped: %s; %d steps",
                  len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
-        model = load_scoring_model(cfg.model, "sequence", self.tokenizer.pad_token_id)
+        model = load_scoring_model(cfg.model, self.task.head, self.tokenizer.pad_token_id)
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg.model.lora)
         self.learner = build_learner(model, cfg.learner, world_size=self.dist.world_size,
                                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
                                      total_steps=self.total_steps)
-        self.run = RunHarness(cfg, self.dist, run_identity(cfg, head="sequence"))
+        self.run = RunHarness(cfg, self.dist, run_identity(cfg, head=self.task.head))
         self.run.history["skipped_rows"] = skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
@@ -115,34 +184,20 @@ class Recipe:
             if done % cfg.train.log_every == 0 or done == self.total_steps:
                 run.log(done, metrics)
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             if should_checkpoint(cfg, done, self.total_steps):
                 run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps},
-                         model_kind="sequence_classification")
+                         model_kind=f"{self.task.head}_classification")
             maybe_kill(done)
         progress.close()
         start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
         if self.dist.is_main and end:
-            log.info("eval pairwise accuracy %.3f -> %.3f", start.get("accuracy", math.nan), end.get("accuracy", math.nan))
+            log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
+        keys = sorted(end or start)
         return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
                            "skipped_rows": run.history.get("skipped_rows"),
                            "train_seconds": round(time.perf_counter() - started, 2)},
-                          [["loss", "eval/loss"], ["accuracy", "eval/accuracy"], ["margin", "eval/margin"]])
-
-    def pair_scores(self, examples: list[PreferenceExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = collate_preference(examples, self.tokenizer.pad_token_id)
-        scores = self.learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-        chosen, rejected = scores.float().chunk(2)
-        margins = torch.tensor([e.margin or 0.0 for e in examples]) if self.cfg.rm.use_margin else torch.zeros(len(examples))
-        return chosen, rejected, margins
-
-    def pair_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
-        return algorithms.bradley_terry_loss(chosen, rejected, margin=margins,
-                                             center_coefficient=self.cfg.rm.center_coefficient)
-
-    def _stats(self, losses, chosen, rejected) -> dict[str, torch.Tensor]:
-        return {"loss": losses.detach(), "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
-                "reward/chosen": chosen.detach(), "reward/rejected": rejected.detach()}
+                          [[k, f"eval/{k}"] for k in keys])
 
     def train_step(self, step: int) -> dict:
         cfg, dist = self.cfg, self.dist
@@ -150,11 +205,10 @@ class Recipe:
         scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
         sums: dict[str, float] = {}
         for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
-            chosen, rejected, margins = self.pair_scores([self.train_set[i] for i in ids])
-            losses = self.pair_losses(chosen, rejected, margins)
-            self.learner.backward(losses.sum() * scale)
+            stats = self.task.forward(self.learner, [self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
+            self.learner.backward(stats["loss"].sum() * scale)
             self.learner.step()
-            accumulate_sums(sums, self._stats(losses, chosen, rejected))
+            accumulate_sums(sums, {k: v.detach() for k, v in stats.items()})
         metrics = global_means(sums, cfg.train.global_batch_size)
         metrics["lr"] = self.learner.lr
         if self.learner.grad_norm is not None:
@@ -171,10 +225,10 @@ class Recipe:
         count = 0
         with eval_mode(self.learner):
             for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
-                chosen, rejected, margins = self.pair_scores(examples)
+                stats = self.task.forward(self.learner, examples, self.tokenizer.pad_token_id)
                 if real:
                     count += len(examples)
-                    accumulate_sums(sums, self._stats(self.pair_losses(chosen, rejected, margins), chosen, rejected))
+                    accumulate_sums(sums, stats)
         (total,) = all_reduce_sum([count])
         return global_means(sums, total)
 

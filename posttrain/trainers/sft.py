@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config.schema import check_batch_sizes
-from posttrain.data.loading import load_rows, split_train_eval
+from posttrain.data.formats import sft_kind
+from posttrain.data.pipeline import load_examples
 from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import (
     IGNORE,
@@ -58,25 +59,12 @@ class Config(RecipeConfig):
 
 def prepare_data(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], LengthReport]:
     """Load, check, tokenise, length-filter and (optionally) pack the train and eval sets."""
-    rows = load_rows(cfg.data.path, split=cfg.data.split, columns=cfg.data.columns)
-    if cfg.data.eval_path:
-        train_rows = rows
-        eval_rows = load_rows(cfg.data.eval_path, split=cfg.data.split, columns=cfg.data.columns)
-    else:
-        train_rows, eval_rows = split_train_eval(rows, cfg.data.eval_fraction, cfg.seed)
-    report = LengthReport()
+    def encode(row, report: LengthReport):
+        return fit_length(sft_example(tokenizer, row), cfg.data.max_length, cfg.data.overlong, row.where, report)
 
-    def encode(part):
-        examples = []
-        for row in part:
-            example = fit_length(sft_example(tokenizer, row), cfg.data.max_length, cfg.data.overlong, row.where, report)
-            if example is not None:
-                examples.append(example)
-        return examples
-
-    train, evaluation = encode(train_rows), encode(eval_rows)
-    if not train:
-        raise DataError(f"{cfg.data.path}: no training examples left after length filtering ({report.summary()}).")
+    train, evaluation, report, skipped = load_examples(cfg.data, cfg.seed, sft_kind, encode)
+    if skipped:
+        log.info("invalid rows skipped: %s", skipped)
     if cfg.data.packing:
         train = pack_examples(train, cfg.data.max_length)
         evaluation = pack_examples(evaluation, cfg.data.max_length)
