@@ -117,3 +117,16 @@ def test_lora_saves_adapter_and_merged_model(tiny_model, arithmetic_data, tmp_pa
         untouched = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     assert torch.allclose(expected, got, atol=1e-4)
     assert not torch.allclose(untouched, got, atol=1e-3)  # the adapter did learn something
+
+
+@pytest.mark.parametrize("variant", [["learner.precision=bf16", "learner.zero_stage=2"],
+                                     ["model.lora.enabled=true", "learner.zero_stage=3", "learner.lr=1e-2"]])
+def test_two_processes_bf16_and_lora_zero3(variant, tiny_model, arithmetic_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", RECIPE, "--nproc", "2", *sft_args(tiny_model, arithmetic_data, out, "train.max_steps=4",
+                                                              "train.micro_batch_size=4", *variant))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_end"] < summary["eval_loss_start"]
+    saved = out / "checkpoints" / "step-000004"
+    assert (saved / ("adapter" if "lora" in variant[0] else "model")).is_dir()

@@ -12,7 +12,8 @@ from typing import Any
 
 from posttrain.checkpoint import Checkpointer, model_identity
 from posttrain.config.loader import to_dict
-from posttrain.distributed import DistInfo
+from posttrain.distributed import DistInfo, broadcast_object
+from posttrain.errors import UserError
 from posttrain.learner.save import save_hf_model
 from posttrain.metrics import MetricsLogger
 from posttrain.trainers.common import RecipeConfig, check_output_dir, prepare_output_dir, write_summary
@@ -31,7 +32,17 @@ class RunHarness:
     def __init__(self, cfg: RecipeConfig, dist: DistInfo, identity: dict[str, Any]) -> None:
         self.cfg = cfg
         self.dist = dist
-        check_output_dir(cfg)
+        # Rank 0 decides and tells the others: a rank that looked later would see the
+        # directory rank 0 is about to create and wrongly call it another run.
+        verdict = None
+        if dist.is_main:
+            try:
+                check_output_dir(cfg)
+            except UserError as err:
+                verdict = err
+        verdict = broadcast_object(verdict)
+        if verdict is not None:
+            raise verdict
         self.checkpointer = Checkpointer(Path(cfg.output_dir), rank=dist.rank, keep_last=cfg.checkpoint.keep_last,
                                          identity=identity)
         self.resume_from = self.checkpointer.find_resume(cfg.resume)
