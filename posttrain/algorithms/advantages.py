@@ -65,7 +65,9 @@ def grpo_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", e
         return _finish(centred, rewards)
     else:
         raise ValueError(f"Unknown GRPO scale {scale!r}. Valid names: batch, group, none.")
-    return _finish(centred / (std + eps), rewards)
+    # A group with no spread has centred rewards of exactly 0: keep them 0 even when eps = 0.
+    scaled = torch.where(std > 0, centred / (std + eps), centred / (1.0 + eps))
+    return _finish(scaled, rewards)
 
 
 @ADVANTAGE_ESTIMATORS.register("dr_grpo")
@@ -142,9 +144,9 @@ def bnpo_advantages(
         raise ValueError("reward_max must be larger than reward_min")
     scaled = (rewards - reward_min) / (reward_max - reward_min)
     groups = group_view(scaled, group_size)
-    p = _nanmean(groups, dim=1)
-    if ((p < 0) | (p > 1)).any():
+    if ((scaled < 0) | (scaled > 1)).any():
         raise ValueError("BNPO needs rewards within [reward_min, reward_max]")
+    p = _nanmean(groups, dim=1)
     if p.numel() > 1:
         m, v = p.mean(), p.var()
     else:

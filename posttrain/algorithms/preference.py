@@ -34,6 +34,7 @@ from torch import Tensor
 from posttrain.algorithms.registry import PREFERENCE_LOSSES
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+BATCH_DATA = ("chosen_lengths", "rejected_lengths", "chosen_nll")
 
 
 def _need_ref(ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, name: str) -> None:
@@ -637,12 +638,15 @@ def preference_loss(
     sum_k loss_weights[k] * loss_k (weights default to 1; e.g. ``["sigmoid", "sft"]`` with weights
     ``[1, alpha]`` is RPO, ``["sigmoid", "bco_pair", "sft"]`` is MPO).
 
-    ``kwargs`` are the options of the selected losses -- ``chosen_lengths``/``rejected_lengths``,
-    ``f_divergence``/``f_alpha``, ``discopop_tau``, ``simpo_gamma``, ``rpo_alpha``, ``cpo_alpha``,
-    ``chosen_nll``, KTO's ``kl``/``kl_logps``/``ref_kl_logps``/``desirable_weight``/
+    ``kwargs`` are per-example batch data and the options of the selected losses. Batch data --
+    ``chosen_lengths``/``rejected_lengths`` (response token counts; pass summed log-probs with them,
+    never pre-averaged ones) and ``chosen_nll`` -- may always be passed and is used by the losses that
+    need it. Options: ``f_divergence``/``f_alpha``, ``discopop_tau``, ``simpo_gamma``, ``rpo_alpha``,
+    ``cpo_alpha``, KTO's ``kl``/``kl_logps``/``ref_kl_logps``/``desirable_weight``/
     ``undesirable_weight``, MODPO's ``modpo_weights``/``margin_rewards_chosen``/
     ``margin_rewards_rejected``. Each loss receives the options it accepts; an option no selected
-    loss accepts is an error, as is a non-zero ``label_smoothing`` none of them uses.
+    loss accepts is an error (a typo must not pass silently), as is a non-zero ``label_smoothing``
+    none of them uses.
 
     The implicit rewards for logging come from :func:`preference_rewards`.
     """
@@ -652,7 +656,8 @@ def preference_loss(
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"{len(types)} loss types but {len(weights)} loss_weights")
-    used: set[str] = set()
+    # Per-example batch data, not options: every loss may receive them and those that need them use them.
+    used: set[str] = {k for k in BATCH_DATA if k in kwargs}
     smoothing_used = False
     total: Tensor | None = None
     for name, weight in zip(types, weights, strict=True):

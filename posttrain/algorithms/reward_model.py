@@ -28,11 +28,11 @@ def bradley_terry_loss(
     rejected_rewards: Tensor,
     *,
     margin: Tensor | float | None = None,
-    center_coef: float = 0.0,
+    center_coefficient: float = 0.0,
 ) -> Tensor:
     """Pairwise reward-model loss per example [B]:
 
-        l = -log sigma(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+        l = -log sigma(r_c - r_r - m) + center_coefficient * (r_c + r_r)^2
 
     The margin m asks for a larger gap on clearer preferences ("Llama 2: Open Foundation and Fine-Tuned
     Chat Models", 2023); the centring term keeps rewards near zero mean ("Helping or Herding? Reward
@@ -42,8 +42,8 @@ def bradley_terry_loss(
     if margin is not None:
         diff = diff - margin
     loss = -F.logsigmoid(diff)
-    if center_coef:
-        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    if center_coefficient:
+        loss = loss + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
     return loss
 
 
@@ -135,19 +135,27 @@ def listwise_ranking_loss(
 
 
 def process_reward_loss(
-    logits: Tensor, labels: Tensor, step_mask: Tensor, *, loss_type: str = "bce"
+    logits: Tensor, labels: Tensor, step_mask: Tensor | None = None, *, loss_type: str = "bce"
 ) -> Tensor:
     """Per-step PRM loss at step positions, [B, T], zero elsewhere (reduce it with
     ``aggregate_loss(loss, step_mask, "token-mean")``).
 
-    ``logits`` is [B, T] (one logit per position) or [B, T, 2] (two-class head, class 1 = correct).
-    ``labels`` [B, T] are hard (0/1) or soft targets in [0, 1] such as Monte-Carlo value estimates.
+    ``logits`` is [B, T] (one logit per position) or [B, T, 2] (two-class head, class 1 = correct);
+    ``step_mask`` [B, T] marks step positions (None: every position, e.g. for logits already gathered
+    at the steps, any shape). ``labels`` are hard (0/1) or soft targets in [0, 1] such as Monte-Carlo
+    value estimates.
     ``loss_type``: ``bce`` (cross-entropy against the target distribution (1 - y, y)) or ``mse``
     (squared error of the raw [B, T] prediction, for regression targets such as PAV's advantages).
     ("Let's Verify Step by Step", 2023; "Math-Shepherd: Verify and Reinforce LLMs Step-by-step without
     Human Annotations", 2023; "Rewarding Progress: Scaling Automated Process Verifiers for LLM
     Reasoning", PAV, 2024.)"""
-    m = step_mask.bool()
+    value_shape = logits.shape[:-1] if logits.dim() == 3 else logits.shape
+    m = torch.ones(value_shape, dtype=torch.bool, device=logits.device) if step_mask is None else step_mask.bool()
+    if labels.shape != value_shape or m.shape != value_shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and step_mask {tuple(m.shape)} must match the logits' positions "
+            f"{tuple(value_shape)}"
+        )
     y = masked_fill_zero(labels.to(logits.dtype), m)
     if loss_type == "bce":
         if logits.dim() == 3:
@@ -158,13 +166,11 @@ def process_reward_loss(
         else:
             loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     elif loss_type == "mse":
-        if logits.dim() != 2:
-            raise ValueError("mse PRM loss needs one prediction per position, [B, T]")
+        if logits.dim() == 3:
+            raise ValueError("mse PRM loss needs one prediction per position, not a class head")
         loss = (logits - y) ** 2
     else:
         raise ValueError(f"Unknown PRM loss type {loss_type!r}. Valid names: bce, mse.")
-    if loss.shape != m.shape:
-        raise ValueError(f"step_mask {tuple(m.shape)} does not match the loss shape {tuple(loss.shape)}")
     return masked_fill_zero(loss, m)
 
 
