@@ -21,10 +21,12 @@ def as_bool_mask(mask: Tensor | None, like: Tensor) -> Tensor:
 
 
 def masked_fill_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """x where mask is set, 0 elsewhere."""
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum over the masked-in entries (masked-out entries may hold anything, even NaN)."""
     x = masked_fill_zero(x, mask)
     return x.sum() if dim is None else x.sum(dim)
 

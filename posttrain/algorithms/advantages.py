@@ -246,7 +246,8 @@ def gae_advantages(
 @TOKEN_ADVANTAGE_ESTIMATORS.register("discounted_returns")
 def discounted_returns(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
     """G_t = sum_{k >= t} gamma^(k - t) r_k over masked-in positions (masked-out positions are skipped).
-    Shape [B, T], zero outside the mask."""
+    Shape [B, T], zero outside the mask. (The REINFORCE return, "Simple Statistical Gradient-Following
+    Algorithms for Connectionist Reinforcement Learning", Williams, 1992.)"""
     m = mask.bool()
     rewards = masked_fill_zero(token_rewards, m).detach()
     running = torch.zeros_like(rewards[:, 0])

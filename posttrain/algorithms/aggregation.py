@@ -75,7 +75,9 @@ def seq_mean_token_sum(
     global_count: float | Tensor | None = None,
     norm_constant: float | None = None,
 ) -> Tensor:
-    """seq-mean-token-sum: L = (1/N) sum_i sum_t m_it * l_it, N = number of non-empty sequences."""
+    """seq-mean-token-sum: L = (1/N) sum_i sum_t m_it * l_it, N = number of non-empty sequences (each token of a
+    sequence weighs fully, as in the REINFORCE objective; discussed in "Understanding R1-Zero-Like Training:
+    A Critical Perspective", 2025)."""
     seq_sums = masked_sum(loss_mat, mask, dim=-1)
     return seq_sums.sum() / _denominator(_num_seqs(mask, loss_mat.dtype), global_count)
 

@@ -26,19 +26,19 @@ from posttrain.algorithms.registry import KL_ESTIMATORS
 
 @KL_ESTIMATORS.register("k1")
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k1 = logp - ref_logp."""
+    """k1 = logp - ref_logp  ("Approximating KL Divergence", J. Schulman, 2020)."""
     return logprobs - ref_logprobs
 
 
 @KL_ESTIMATORS.register("k2")
 def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k2 = 0.5 * (logp - ref_logp)^2."""
+    """k2 = 0.5 * (logp - ref_logp)^2  ("Approximating KL Divergence", J. Schulman, 2020)."""
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 @KL_ESTIMATORS.register("k3")
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1."""
+    """k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1  ("Approximating KL Divergence", J. Schulman, 2020)."""
     log_r = ref_logprobs - logprobs
     # expm1 keeps precision when the two policies are close (log r ~ 0).
     return torch.expm1(log_r) - log_r
@@ -46,7 +46,8 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 @KL_ESTIMATORS.register("low_var_kl")
 def kl_low_var(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """low_var_kl = clamp(k3(clamp(ref_logp - logp, -20, 20)), -10, 10)."""
+    """low_var_kl = clamp(k3(clamp(ref_logp - logp, -20, 20)), -10, 10)  (k3 of "Approximating KL Divergence",
+    J. Schulman, 2020, with verl's clamps)."""
     log_r = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
     return (torch.expm1(log_r) - log_r).clamp(-10.0, 10.0)
 
@@ -58,13 +59,15 @@ def _straight_through(value: Tensor, logprobs: Tensor, ref_logprobs: Tensor) -> 
 
 @KL_ESTIMATORS.register("k1+")
 def kl_k1_st(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Value of k1, gradient of k2."""
+    """Straight-through k1: k = k2 - sg(k2) + sg(k1), the value of k1 with the gradient of k2
+    (estimators from "Approximating KL Divergence", J. Schulman, 2020)."""
     return _straight_through(kl_k1(logprobs, ref_logprobs), logprobs, ref_logprobs)
 
 
 @KL_ESTIMATORS.register("k3+")
 def kl_k3_st(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """Value of k3, gradient of k2."""
+    """Straight-through k3: k = k2 - sg(k2) + sg(k3), the value of k3 with the gradient of k2
+    (estimators from "Approximating KL Divergence", J. Schulman, 2020)."""
     return _straight_through(kl_k3(logprobs, ref_logprobs), logprobs, ref_logprobs)
 
 
@@ -184,7 +187,9 @@ class AdaptiveKLController:
         self.horizon = float(state["horizon"])
 
 
-def make_kl_controller(kind: str, *, coef: float, target: float | None = None, horizon: float | None = None):
+def make_kl_controller(
+    kind: str, *, coef: float, target: float | None = None, horizon: float | None = None
+) -> FixedKLController | AdaptiveKLController:
     """``kind`` "fixed" -> FixedKLController(coef); "adaptive" -> AdaptiveKLController(coef, target, horizon)."""
     if kind == "fixed":
         return FixedKLController(coef)

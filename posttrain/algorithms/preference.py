@@ -314,8 +314,10 @@ def aot_unpaired_loss(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """AOT (unpaired): sort chosen log-ratios and rejected log-ratios separately and apply the smoothed
-    logistic loss to their sorted difference (order statistics, as for ``aot``). (AOT, 2024.)"""
+    """AOT (unpaired): with c = sort(logp_c - ref_c) and r = sort(logp_r - ref_r) over the batch,
+    l_k = -(1 - eps) log sigma(beta (c_(k) - r_(k))) - eps log sigma(-beta (c_(k) - r_(k)))
+    (order statistics, as for ``aot``). ("Distributional Preference Alignment of LLMs via Optimal
+    Transport", 2024.)"""
     _need_ref(ref_chosen_logps, ref_rejected_logps, "aot_unpaired")
     c = torch.sort(chosen_logps - ref_chosen_logps, dim=0).values
     r = torch.sort(rejected_logps - ref_rejected_logps, dim=0).values
@@ -391,7 +393,8 @@ def sft_loss(
     chosen_nll: Tensor | None = None,
 ) -> Tensor:
     """NLL of the chosen response, l = -logp_c / |y_c| (or ``chosen_nll``). Combined with a DPO loss
-    by weights this is RPO. (TRL's ``sft`` is the batch token-mean; equal when lengths are equal.)"""
+    by weights this is RPO ("Iterative Reasoning Preference Optimization", 2024). (TRL's ``sft`` is the
+    batch token-mean; equal when lengths are equal.)"""
     return _chosen_nll(chosen_logps, chosen_lengths, chosen_nll)
 
 

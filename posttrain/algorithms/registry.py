@@ -92,16 +92,20 @@ OBJECTIVE_COMBINATIONS = Registry("multi-objective combination")
 
 
 def get_policy_loss(name: str) -> Callable[..., Any]:
+    """The policy loss registered as ``name``; a ValueError naming the valid ones otherwise."""
     return POLICY_LOSSES.get(name)
 
 
 def get_advantage_estimator(name: str) -> Callable[..., Any]:
+    """The advantage estimator registered as ``name``; a ValueError naming the valid ones otherwise."""
     return ADVANTAGE_ESTIMATORS.get(name)
 
 
 def get_preference_loss(name: str) -> Callable[..., Any]:
+    """The preference loss registered as ``name``; a ValueError naming the valid ones otherwise."""
     return PREFERENCE_LOSSES.get(name)
 
 
 def get_loss_aggregation(name: str) -> Callable[..., Any]:
+    """The loss aggregation mode registered as ``name``; a ValueError naming the valid ones otherwise."""
     return LOSS_AGGREGATIONS.get(name)

@@ -150,7 +150,11 @@ def process_reward_loss(
     Human Annotations", 2023; "Rewarding Progress: Scaling Automated Process Verifiers for LLM
     Reasoning", PAV, 2024.)"""
     value_shape = logits.shape[:-1] if logits.dim() == 3 else logits.shape
-    m = torch.ones(value_shape, dtype=torch.bool, device=logits.device) if step_mask is None else step_mask.bool()
+    m = (
+        torch.ones(value_shape, dtype=torch.bool, device=logits.device)
+        if step_mask is None
+        else step_mask.bool()
+    )
     if labels.shape != value_shape or m.shape != value_shape:
         raise ValueError(
             f"labels {tuple(labels.shape)} and step_mask {tuple(m.shape)} must match the logits' positions "
@@ -205,7 +209,8 @@ def process_advantage_labels(step_values: Tensor, step_mask: Tensor, initial_val
 
 @ENSEMBLE_REDUCTIONS.register("mean")
 def ensemble_mean(rewards: Tensor, *, uwo_coef: float = 0.0) -> Tensor:
-    """Mean over the K ensemble members: R = (1/K) sum_k R_k."""
+    """Mean over the K ensemble members: R = (1/K) sum_k R_k (the baseline in "Reward Model Ensembles Help
+    Mitigate Overoptimization", Coste et al., 2023)."""
     return rewards.mean(0)
 
 
@@ -256,7 +261,8 @@ def objectives_maxmin(
     rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
 ) -> Tensor:
     """MaxMin-RLHF's egalitarian objective max_pi min_u E[R_u]: pick the objective (user group) with the
-    lowest mean reward over the batch and return its rewards for every sample.
+    lowest mean reward over the batch and return its rewards for every sample:
+    R_i = R_{u*, i} with u* = argmin_u mean_i R_{u, i}.
     ("MaxMin-RLHF: Towards Equitable Alignment of Large Language Models with Diverse Human
     Preferences", 2024.)"""
     worst = rewards.mean(0).argmin()
@@ -267,7 +273,8 @@ def objectives_maxmin(
 def objectives_min(
     rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
 ) -> Tensor:
-    """Per-sample minimum over objectives: R = min_k R_k."""
+    """Per-sample minimum over objectives: R = min_k R_k (a per-sample form of MaxMin-RLHF's egalitarian
+    objective, 2024)."""
     return rewards.min(-1).values
 
 
@@ -275,7 +282,8 @@ def objectives_min(
 def objectives_softmin(
     rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
 ) -> Tensor:
-    """Smooth per-sample minimum: R = -T log sum_k exp(-R_k / T) (tends to min_k R_k as T -> 0)."""
+    """Smooth per-sample minimum: R = -T log sum_k exp(-R_k / T) (tends to min_k R_k as T -> 0; a soft form of
+    MaxMin-RLHF's egalitarian objective, 2024)."""
     return -temperature * torch.logsumexp(-rewards / temperature, dim=-1)
 
 

@@ -53,7 +53,9 @@ class PolicyBatch:
     mask: Tensor
 
 
-def policy_batch(seed: int, batch: int = 4, width: int = 6, spread: float = 0.3, junk: bool = True) -> PolicyBatch:
+def policy_batch(
+    seed: int, batch: int = 4, width: int = 6, spread: float = 0.3, junk: bool = True
+) -> PolicyBatch:
     """Right-padded sequences of random lengths 1..width. With ``junk``, padding holds large values on
     purpose (results must not depend on it); TRL comparisons use clean padding, since TRL multiplies by
     the mask."""
@@ -65,5 +67,7 @@ def policy_batch(seed: int, batch: int = 4, width: int = 6, spread: float = 0.3,
     old = logprobs + spread * torch.randn(batch, width, generator=g, dtype=DTYPE)
     ref = logprobs + spread * torch.randn(batch, width, generator=g, dtype=DTYPE)
     adv = torch.randn(batch, generator=g, dtype=DTYPE)
-    filler = torch.where(mask.bool(), torch.zeros((), dtype=DTYPE), torch.full((), 123.0 if junk else 0.0, dtype=DTYPE))
+    filler = torch.where(
+        mask.bool(), torch.zeros((), dtype=DTYPE), torch.full((), 123.0 if junk else 0.0, dtype=DTYPE)
+    )
     return PolicyBatch(logprobs + filler, old - filler, ref + filler, adv, mask)

@@ -140,19 +140,28 @@ def trl_dpo_loss(
     return (loss, t._metrics["train"]) if return_metrics else loss
 
 
-def trl_dpo_per_example(loss_type: str, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **kw) -> Tensor:
+def trl_dpo_per_example(
+    loss_type: str, chosen_tokens, rejected_tokens, ref_chosen, ref_rejected, **kw
+) -> Tensor:
     """Per-example DPO losses, by calling TRL on one pair at a time."""
     return torch.stack(
         [
             trl_dpo_loss(
-                [loss_type], [chosen_tokens[i]], [rejected_tokens[i]], ref_chosen[i : i + 1], ref_rejected[i : i + 1], **kw
+                [loss_type],
+                [chosen_tokens[i]],
+                [rejected_tokens[i]],
+                ref_chosen[i : i + 1],
+                ref_rejected[i : i + 1],
+                **kw,
             )
             for i in range(len(chosen_tokens))
         ]
     )
 
 
-def trl_cpo_loss(loss_type: str, chosen: Tensor, rejected: Tensor, *, beta, label_smoothing=0.0, simpo_gamma=0.5):
+def trl_cpo_loss(
+    loss_type: str, chosen: Tensor, rejected: Tensor, *, beta, label_smoothing=0.0, simpo_gamma=0.5
+):
     """TRL CPOTrainer.cpo_loss (per example) on policy log-probs."""
     t = object.__new__(CPOTrainer)
     t.alpha = 0.0
@@ -216,7 +225,9 @@ def trl_kto_loss(
     return t._compute_loss(model, batch, return_outputs=False)
 
 
-def trl_reward_loss(chosen: Tensor, rejected: Tensor, *, margin: Tensor | None, center_coef: float | None) -> Tensor:
+def trl_reward_loss(
+    chosen: Tensor, rejected: Tensor, *, margin: Tensor | None, center_coef: float | None
+) -> Tensor:
     """TRL RewardTrainer.compute_loss (batch mean)."""
     t = object.__new__(RewardTrainer)
     model = TableModel(torch.zeros(1), rewards=torch.cat([chosen, rejected]))
@@ -280,7 +291,11 @@ def _online_trainer(cls, rewards: Tensor, group_size: int, **attrs):
 def trl_grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
     """Advantages from TRL GRPOTrainer._generate_and_score_completions (generation and rewards stubbed)."""
     t = _online_trainer(
-        GRPOTrainer, rewards, group_size, multi_objective_aggregation="sum_then_normalize", scale_rewards=scale_rewards
+        GRPOTrainer,
+        rewards,
+        group_size,
+        multi_objective_aggregation="sum_then_normalize",
+        scale_rewards=scale_rewards,
     )
     return t._generate_and_score_completions([{"prompt": "p"}] * rewards.shape[0])["advantages"]
 
@@ -317,7 +332,13 @@ def trl_rloo_advantages(
 
 
 def trl_importance_sampling_ratio(
-    learner_logps: Tensor, sampler_logps: Tensor, mask: Tensor, *, mode: str, clip_min: float | None, clip_max: float
+    learner_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    *,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float,
 ) -> Tensor:
     """TRL GRPOTrainer's vLLM importance-sampling ratio (token_* or sequence_* modes), generation stubbed.
 
@@ -396,7 +417,9 @@ def trl_grpo_loss(
         "completion_mask": mask.long(),
         "advantages": advantages,
         "old_per_token_logps": old_logps,
-        "num_items_in_batch": torch.tensor(float(mask.sum() if num_items_in_batch is None else num_items_in_batch)),
+        "num_items_in_batch": torch.tensor(
+            float(mask.sum() if num_items_in_batch is None else num_items_in_batch)
+        ),
     }
     if ref_logps is not None:
         inputs["ref_per_token_logps"] = ref_logps

@@ -78,7 +78,8 @@ def test_bnpo_against_beta_density():
     torch.testing.assert_close(group_advantages("bnpo", rewards, 4), _bnpo_reference(rewards, 4))
     # Rewards outside [0, 1] are mapped there first.
     torch.testing.assert_close(
-        group_advantages("bnpo", rewards * 4 - 2, 4, reward_min=-2.0, reward_max=2.0), _bnpo_reference(rewards, 4)
+        group_advantages("bnpo", rewards * 4 - 2, 4, reward_min=-2.0, reward_max=2.0),
+        _bnpo_reference(rewards, 4),
     )
     # All groups at the same success rate: uniform density, weight 1.
     same = t(1, 0, 1, 0)
@@ -127,7 +128,11 @@ group_rewards = st.lists(st.integers(-20, 20).map(lambda k: k / 2), min_size=12,
 
 
 @settings(max_examples=40, deadline=None)
-@given(values=group_rewards, shifts=st.lists(st.floats(-100, 100), min_size=3, max_size=3), scale=st.floats(0.1, 10))
+@given(
+    values=group_rewards,
+    shifts=st.lists(st.floats(-100, 100), min_size=3, max_size=3),
+    scale=st.floats(0.1, 10),
+)
 def test_group_invariances(values, shifts, scale):
     """Adding a constant to one group's rewards changes none of its advantages (grpo, dr_grpo, rloo,
     reinforce_pp_baseline); a positive scale leaves GRPO unchanged and scales dr_grpo/rloo."""
@@ -136,14 +141,23 @@ def test_group_invariances(values, shifts, scale):
     for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         kw = {"eps": 0.0} if name == "grpo" else {}
         torch.testing.assert_close(
-            group_advantages(name, shifted, 4, **kw), group_advantages(name, rewards, 4, **kw), atol=1e-7, rtol=1e-7
+            group_advantages(name, shifted, 4, **kw),
+            group_advantages(name, rewards, 4, **kw),
+            atol=1e-7,
+            rtol=1e-7,
         )
     torch.testing.assert_close(
-        group_advantages("grpo", rewards * scale, 4, eps=0.0), group_advantages("grpo", rewards, 4, eps=0.0), atol=1e-7, rtol=1e-7
+        group_advantages("grpo", rewards * scale, 4, eps=0.0),
+        group_advantages("grpo", rewards, 4, eps=0.0),
+        atol=1e-7,
+        rtol=1e-7,
     )
     for name in ("dr_grpo", "rloo"):
         torch.testing.assert_close(
-            group_advantages(name, rewards * scale, 4), scale * group_advantages(name, rewards, 4), atol=1e-7, rtol=1e-7
+            group_advantages(name, rewards * scale, 4),
+            scale * group_advantages(name, rewards, 4),
+            atol=1e-7,
+            rtol=1e-7,
         )
     # Group-centred estimators sum to zero within each group.
     for name in ("dr_grpo", "rloo", "grpo"):
@@ -235,7 +249,9 @@ def test_spo_tracker_by_hand():
     rho = 2 ** (-0.01 / 0.06)
     assert tracker.alpha["p"] == pytest.approx(rho * 5.6 + 1)
     assert tracker.beta["p"] == pytest.approx(rho * 2.4)
-    assert tracker.alpha["new"] == pytest.approx(0.96 * 0.5) and tracker.beta["new"] == pytest.approx(0.96 * 0.5 + 1)
+    assert tracker.alpha["new"] == pytest.approx(0.96 * 0.5) and tracker.beta["new"] == pytest.approx(
+        0.96 * 0.5 + 1
+    )
     w = tracker.sampling_weights(["p"], epsilon=0.05)
     v = tracker.values(["p"])
     torch.testing.assert_close(w, torch.sqrt(v * (1 - v)) + 0.05)
@@ -281,7 +297,9 @@ def test_pf_ppo_filter_and_weights():
     assert br.sum(1).tolist() == [2, 2] and br[0, 1] and br[1, 2]
     counts = torch.zeros(4)
     for seed in range(200):
-        counts += pf_ppo_filter(t(0, 1, 0, 0), 4, strategy="best_random", generator=torch.Generator().manual_seed(seed))
+        counts += pf_ppo_filter(
+            t(0, 1, 0, 0), 4, strategy="best_random", generator=torch.Generator().manual_seed(seed)
+        )
     assert counts[1] == 200 and (counts[[0, 2, 3]] > 40).all()  # the other pick is uniform over the rest
     torch.testing.assert_close(pf_ppo_weights(t(-2, 1, 0), weight_pow=2.0), t(4, 1, 0) + 1e-8)
     torch.testing.assert_close(pf_ppo_weights(t(-2, 1, 0), method="max_min"), t(1, 1, 0) + 1e-8)

@@ -40,13 +40,19 @@ C, R, RC, RR = t(-1.0), t(-2.0), t(-1.5), t(-1.5)
 
 
 def test_dpo_sigmoid_by_hand():
-    assert preference_loss("sigmoid", C, R, RC, RR, beta=0.5).item() == pytest.approx(softplus(-0.5), abs=1e-12)
+    assert preference_loss("sigmoid", C, R, RC, RR, beta=0.5).item() == pytest.approx(
+        softplus(-0.5), abs=1e-12
+    )
 
 
 def test_conservative_dpo_by_hand():
     expected = 0.9 * softplus(-0.5) + 0.1 * softplus(0.5)
-    assert preference_loss("sigmoid", C, R, RC, RR, beta=0.5, label_smoothing=0.1).item() == pytest.approx(expected)
-    assert preference_loss("cdpo", C, R, RC, RR, beta=0.5, label_smoothing=0.1).item() == pytest.approx(expected)
+    assert preference_loss("sigmoid", C, R, RC, RR, beta=0.5, label_smoothing=0.1).item() == pytest.approx(
+        expected
+    )
+    assert preference_loss("cdpo", C, R, RC, RR, beta=0.5, label_smoothing=0.1).item() == pytest.approx(
+        expected
+    )
 
 
 def test_hinge_ipo_robust_by_hand():
@@ -81,7 +87,9 @@ def test_other_dpo_variants_by_hand():
 
 def test_reference_free_losses_by_hand():
     # SimPO: average log-probs -0.5 and -1.0, beta 2, gamma 0.4 -> -log sigma(2 * 0.5 - 0.4).
-    simpo = preference_loss("simpo", C, R, beta=2.0, simpo_gamma=0.4, chosen_lengths=t(2), rejected_lengths=t(2))
+    simpo = preference_loss(
+        "simpo", C, R, beta=2.0, simpo_gamma=0.4, chosen_lengths=t(2), rejected_lengths=t(2)
+    )
     assert simpo.item() == pytest.approx(softplus(-0.6))
     # ORPO: odds(p) = p / (1 - p), p = exp(avg logp); NLL = -avg chosen logp.
     pc, pr = math.exp(-0.5), math.exp(-1.0)
@@ -138,9 +146,7 @@ def test_kto_by_hand_and_reference_point():
     logps, ref = t(-1.0, -2.0), t(-1.5, -1.0)  # log-ratios +0.5 (desirable), -1.0 (undesirable)
     labels = torch.tensor([True, False])
     loss = kto_loss(logps, ref, labels, beta=0.4, kl=0.2, desirable_weight=2.0, undesirable_weight=0.5)
-    torch.testing.assert_close(
-        loss, t(2.0 * (1 - sigmoid(0.4 * 0.3)), 0.5 * (1 - sigmoid(0.4 * 1.2)))
-    )
+    torch.testing.assert_close(loss, t(2.0 * (1 - sigmoid(0.4 * 0.3)), 0.5 * (1 - sigmoid(0.4 * 1.2))))
     # z0 = max(0, mean KL) and carries no gradient.
     kl_logps = t(-1.0, -3.0).requires_grad_(True)
     assert kto_kl_reference(kl_logps, t(-2.0, -1.0)).item() == 0.0
@@ -240,7 +246,13 @@ def test_reference_losses_depend_only_on_log_ratios(seed, shift_c, shift_r, name
         extra = {"chosen_nll": t(0.3, 0.1, 0.2, 0.4)}
     base = preference_loss(name, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.3, **extra)
     moved = preference_loss(
-        name, b.chosen + shift_c, b.rejected + shift_r, b.ref_chosen + shift_c, b.ref_rejected + shift_r, beta=0.3, **extra
+        name,
+        b.chosen + shift_c,
+        b.rejected + shift_r,
+        b.ref_chosen + shift_c,
+        b.ref_rejected + shift_r,
+        beta=0.3,
+        **extra,
     )
     assert base.shape == (4,)
     torch.testing.assert_close(moved, base, atol=1e-9, rtol=1e-9)

@@ -91,9 +91,17 @@ def test_dpo_loss_types_match_trl_per_example(loss_type, label_smoothing, seed):
 def test_aot_batch_mean_matches_trl(loss_type):
     b = preference_batch(3, batch=5)
     expected = trl.trl_dpo_loss(
-        [loss_type], b.chosen_tokens, b.rejected_tokens, b.ref_chosen, b.ref_rejected, beta=0.4, label_smoothing=0.1
+        [loss_type],
+        b.chosen_tokens,
+        b.rejected_tokens,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.4,
+        label_smoothing=0.1,
     )
-    ours = preference_loss(loss_type, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.4, label_smoothing=0.1)
+    ours = preference_loss(
+        loss_type, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.4, label_smoothing=0.1
+    )
     torch.testing.assert_close(ours.mean(), expected, atol=ATOL, rtol=RTOL)
 
 
@@ -102,11 +110,28 @@ def test_aot_batch_mean_matches_trl(loss_type):
 def test_f_divergence_dpo_matches_trl(f_divergence, loss_type):
     b = preference_batch(4)
     expected = trl.trl_dpo_per_example(
-        loss_type, b.chosen_tokens, b.rejected_tokens, b.ref_chosen, b.ref_rejected, beta=0.5, f_divergence_type=f_divergence
+        loss_type,
+        b.chosen_tokens,
+        b.rejected_tokens,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.5,
+        f_divergence_type=f_divergence,
     )
-    kwargs = {"chosen_lengths": b.chosen_lengths, "rejected_lengths": b.rejected_lengths} if loss_type == "ipo" else {}
+    kwargs = (
+        {"chosen_lengths": b.chosen_lengths, "rejected_lengths": b.rejected_lengths}
+        if loss_type == "ipo"
+        else {}
+    )
     ours = preference_loss(
-        loss_type, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.5, f_divergence=f_divergence, **kwargs
+        loss_type,
+        b.chosen,
+        b.rejected,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.5,
+        f_divergence=f_divergence,
+        **kwargs,
     )
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
 
@@ -144,7 +169,13 @@ def test_weighted_combination_matches_trl():
     b = preference_batch(6, equal_chosen_lengths=True)
     types, weights = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]
     expected = trl.trl_dpo_loss(
-        types, b.chosen_tokens, b.rejected_tokens, b.ref_chosen, b.ref_rejected, beta=0.2, loss_weights=weights
+        types,
+        b.chosen_tokens,
+        b.rejected_tokens,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.2,
+        loss_weights=weights,
     )
     ours = preference_loss(
         types,
@@ -162,7 +193,13 @@ def test_weighted_combination_matches_trl():
 def test_implicit_rewards_match_trl_metrics():
     b = preference_batch(7, batch=5)
     _, metrics = trl.trl_dpo_loss(
-        ["sigmoid"], b.chosen_tokens, b.rejected_tokens, b.ref_chosen, b.ref_rejected, beta=0.3, return_metrics=True
+        ["sigmoid"],
+        b.chosen_tokens,
+        b.rejected_tokens,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.3,
+        return_metrics=True,
     )
     rewards = preference_rewards(b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.3)
     assert rewards.chosen.mean().item() == pytest.approx(metrics["rewards/chosen"][-1], abs=1e-12)
@@ -179,7 +216,9 @@ def test_conservative_dpo_matches_trl_cpo_code(cpo_type, ours_type):
     chosen_lr, rejected_lr = b.chosen - b.ref_chosen, b.rejected - b.ref_rejected
     smoothing = 0.15 if cpo_type == "sigmoid" else 0.0
     expected, _, _ = trl.trl_cpo_loss(cpo_type, chosen_lr, rejected_lr, beta=0.7, label_smoothing=smoothing)
-    ours = preference_loss(ours_type, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.7, label_smoothing=smoothing)
+    ours = preference_loss(
+        ours_type, b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.7, label_smoothing=smoothing
+    )
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
 
 
@@ -187,7 +226,9 @@ def test_conservative_dpo_matches_trl_cpo_code(cpo_type, ours_type):
 def test_simpo_and_cpo_match_trl(smoothing):
     b = preference_batch(9)
     avg_c, avg_r = b.chosen / b.chosen_lengths, b.rejected / b.rejected_lengths
-    expected, exp_rc, exp_rr = trl.trl_cpo_loss("simpo", avg_c, avg_r, beta=2.0, label_smoothing=smoothing, simpo_gamma=0.8)
+    expected, exp_rc, exp_rr = trl.trl_cpo_loss(
+        "simpo", avg_c, avg_r, beta=2.0, label_smoothing=smoothing, simpo_gamma=0.8
+    )
     # TRL: logits = delta - simpo_gamma / beta, loss on beta * logits = beta * delta - simpo_gamma.
     ours = preference_loss(
         "simpo",
@@ -206,8 +247,12 @@ def test_simpo_and_cpo_match_trl(smoothing):
     torch.testing.assert_close(rewards.chosen, exp_rc, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(rewards.rejected, exp_rr, atol=ATOL, rtol=RTOL)
     # CPO without the NLL term is the reference-free sigmoid loss.
-    expected_cpo, _, _ = trl.trl_cpo_loss("sigmoid", b.chosen, b.rejected, beta=0.2, label_smoothing=smoothing)
-    ours_cpo = preference_loss("cpo", b.chosen, b.rejected, beta=0.2, label_smoothing=smoothing, cpo_alpha=0.0)
+    expected_cpo, _, _ = trl.trl_cpo_loss(
+        "sigmoid", b.chosen, b.rejected, beta=0.2, label_smoothing=smoothing
+    )
+    ours_cpo = preference_loss(
+        "cpo", b.chosen, b.rejected, beta=0.2, label_smoothing=smoothing, cpo_alpha=0.0
+    )
     torch.testing.assert_close(ours_cpo, expected_cpo, atol=ATOL, rtol=RTOL)
 
 
@@ -226,13 +271,20 @@ def test_orpo_odds_ratio_matches_trl():
         chosen_nll=torch.zeros(4, dtype=DTYPE),
     )
     torch.testing.assert_close(ours, -trl_terms.double(), atol=ATOL, rtol=RTOL)
-    rewards = preference_rewards(b.chosen, b.rejected, beta=0.25, chosen_lengths=b.chosen_lengths, rejected_lengths=b.rejected_lengths)
+    rewards = preference_rewards(
+        b.chosen, b.rejected, beta=0.25, chosen_lengths=b.chosen_lengths, rejected_lengths=b.rejected_lengths
+    )
     torch.testing.assert_close(rewards.chosen, trl_rc.double(), atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(rewards.rejected, trl_rr.double(), atol=ATOL, rtol=RTOL)
     # Full ORPO: NLL + odds-ratio term. With equal-length chosen responses our per-example mean NLL
     # averages to TRL's token-mean NLL.
     full = preference_loss(
-        "orpo", b.chosen, b.rejected, beta=0.25, chosen_lengths=b.chosen_lengths, rejected_lengths=b.rejected_lengths
+        "orpo",
+        b.chosen,
+        b.rejected,
+        beta=0.25,
+        chosen_lengths=b.chosen_lengths,
+        rejected_lengths=b.rejected_lengths,
     )
     torch.testing.assert_close(full, -avg_c - trl_terms.double(), atol=ATOL, rtol=RTOL)
 
@@ -249,7 +301,15 @@ def test_kto_matches_trl(loss_type):
     ref = logps + 0.4 * torch.randn(6, generator=g, dtype=DTYPE)
     ref_kl = kl_logps - 0.3 + 0.2 * torch.randn(6, generator=g, dtype=DTYPE)  # positive mean KL
     expected = trl.trl_kto_loss(
-        tokens, labels, ref, kl_tokens, ref_kl, beta=0.3, desirable_weight=1.3, undesirable_weight=0.7, loss_type=loss_type
+        tokens,
+        labels,
+        ref,
+        kl_tokens,
+        ref_kl,
+        beta=0.3,
+        desirable_weight=1.3,
+        undesirable_weight=0.7,
+        loss_type=loss_type,
     )
     ours = kto_loss(
         logps,
@@ -279,7 +339,14 @@ def test_kto_paired_matches_trl_on_paired_data():
         beta=0.2,
     )
     ours = preference_loss(
-        "kto", b.chosen, b.rejected, b.ref_chosen, b.ref_rejected, beta=0.2, kl_logps=kl_logps, ref_kl_logps=ref_kl
+        "kto",
+        b.chosen,
+        b.rejected,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=0.2,
+        kl_logps=kl_logps,
+        ref_kl_logps=ref_kl,
     )
     torch.testing.assert_close(ours.mean(), expected, atol=ATOL, rtol=RTOL)
 
@@ -370,10 +437,19 @@ def test_grpo_policy_loss_matches_trl(loss_type, beta):
         **extra,
     )
     name, mode, _ = GRPO_LOSS_TYPES[loss_type]
-    options = {"clip_high": trl_eps_high - 1.0} if name == "cispo" else {"clip_low": eps_low, "clip_high": eps_high}
+    options = (
+        {"clip_high": trl_eps_high - 1.0} if name == "cispo" else {"clip_low": eps_low, "clip_high": eps_high}
+    )
     logps = p.logprobs.clone().requires_grad_(True)
     out = compute_policy_loss(
-        name, logps, p.old_logprobs, p.advantages, p.mask, loss_agg_mode=mode, norm_constant=max_len, **options
+        name,
+        logps,
+        p.old_logprobs,
+        p.advantages,
+        p.mask,
+        loss_agg_mode=mode,
+        norm_constant=max_len,
+        **options,
     )
     per_token = out.per_token_loss + beta * kl_estimate("k3", logps, p.ref_logprobs)
     ours = aggregate_loss(
@@ -436,7 +512,9 @@ def test_importance_sampling_ratio_matches_trl(trl_mode, level, mode):
     expected = trl.trl_importance_sampling_ratio(
         p.old_logprobs, p.ref_logprobs, p.mask, mode=trl_mode, clip_min=0.6, clip_max=1.8
     )
-    ours = truncated_importance_weights(p.old_logprobs, p.ref_logprobs, p.mask, level=level, clip_min=0.6, clip_max=1.8, mode=mode)
+    ours = truncated_importance_weights(
+        p.old_logprobs, p.ref_logprobs, p.mask, level=level, clip_min=0.6, clip_max=1.8, mode=mode
+    )
     if level == "token":
         m = p.mask.bool()
         torch.testing.assert_close(ours.weights[m], expected[m], atol=ATOL, rtol=RTOL)
