@@ -105,3 +105,15 @@ def test_padding_invariance(seed, mode, pad):
         norm_constant=4,
     )
     torch.testing.assert_close(padded, base)
+
+
+def test_docs_worked_example():
+    """The example in docs/algorithms.md: micro-batches [1, 3] and six 1s."""
+    a_loss, a_mask = torch.tensor([[1.0, 3.0]], dtype=DTYPE), torch.ones(1, 2)
+    b_loss, b_mask = torch.ones(1, 6, dtype=DTYPE), torch.ones(1, 6)
+    mean_of_means = (aggregate_loss(a_loss, a_mask) + aggregate_loss(b_loss, b_mask)) / 2
+    assert mean_of_means.item() == pytest.approx(1.5)
+    a = aggregate_loss(a_loss, a_mask, global_num_tokens=8)
+    b = aggregate_loss(b_loss, b_mask, global_num_tokens=8)
+    assert (a.item(), b.item()) == (pytest.approx(0.5), pytest.approx(0.75))
+    assert (a + b).item() == pytest.approx(1.25)
