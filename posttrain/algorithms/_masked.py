@@ -11,15 +11,6 @@ import torch
 from torch import Tensor
 
 
-def as_bool_mask(mask: Tensor | None, like: Tensor) -> Tensor:
-    """A boolean mask broadcastable to ``like``; all-true when ``mask`` is None."""
-    if mask is None:
-        return torch.ones_like(like, dtype=torch.bool)
-    if mask.shape != like.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but the values have shape {tuple(like.shape)}")
-    return mask.bool()
-
-
 def masked_fill_zero(x: Tensor, mask: Tensor) -> Tensor:
     """x where mask is set, 0 elsewhere."""
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -71,9 +71,9 @@ def _sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) ->
 
 
 def _metric(x: Tensor, mask: Tensor) -> Tensor:
-    return masked_mean(
-        x.detach().to(torch.get_default_dtype() if not x.is_floating_point() else x.dtype), mask
-    )
+    """Detached masked mean of a metric (booleans count as 0/1)."""
+    x = x.detach()
+    return masked_mean(x if x.is_floating_point() else x.to(torch.get_default_dtype()), mask)
 
 
 @POLICY_LOSSES.register("ppo")

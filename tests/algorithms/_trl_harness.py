@@ -388,10 +388,14 @@ def trl_grpo_loss(
     ref_logps: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | None = None,
+    entropies: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> Tensor:
-    """TRL GRPOTrainer._compute_loss on given per-token log-probs (the model forward stubbed)."""
+    """TRL GRPOTrainer._compute_loss on given per-token log-probs (the model forward stubbed); with
+    ``entropy_coef`` its (static) entropy bonus on the given per-token ``entropies``."""
     t = object.__new__(GRPOTrainer)
-    t._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
+    ent = torch.zeros_like(logps) if entropies is None else entropies
+    t._get_per_token_logps_and_entropies = lambda *a, **k: (logps, ent, None)
     t.top_entropy_quantile = 1.0
     t.off_policy_mask_threshold = None
     t.importance_sampling_level = importance_sampling_level
@@ -406,7 +410,9 @@ def trl_grpo_loss(
     t.current_gradient_accumulation_steps = 1
     t.max_completion_length = max_completion_length or mask.shape[1]
     t.accelerator = FakeAccelerator()
-    t._entropy_bonus_enabled = False
+    t._entropy_bonus_enabled = entropy_coef != 0.0
+    t.entropy_coef = entropy_coef
+    t.use_adaptive_entropy = False
     t.aux_loss_enabled = False
     t._metrics = _metrics()
     b = logps.shape[0]

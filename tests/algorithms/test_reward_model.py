@@ -101,13 +101,16 @@ def test_ranking_losses_padding_and_permutation_invariance(seed, method, pad, pe
     base = listwise_ranking_loss(scores, labels, method=method)
     idx = torch.tensor(perm)
     torch.testing.assert_close(listwise_ranking_loss(scores[:, idx], labels[:, idx], method=method), base)
+    padded_scores = torch.cat([scores, torch.full((2, pad), 50.0, dtype=DTYPE)], 1).requires_grad_(True)
     padded = listwise_ranking_loss(
-        torch.cat([scores, torch.full((2, pad), 50.0, dtype=DTYPE)], 1),
+        padded_scores,
         torch.cat([labels, torch.full((2, pad), 9.0, dtype=DTYPE)], 1),
         torch.cat([torch.ones(2, 4), torch.zeros(2, pad)], 1),
         method=method,
     )
     torch.testing.assert_close(padded, base)
+    (grad,) = torch.autograd.grad(padded.sum(), padded_scores)
+    assert torch.isfinite(grad).all() and (grad[:, 4:] == 0).all()
     assert base.shape == (2,) and (base >= 0).all()
 
 

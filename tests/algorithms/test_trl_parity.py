@@ -11,7 +11,8 @@ trainers (see its docstring). What is compared:
 - RewardTrainer: Bradley-Terry with margin and centring.
 - GRPOTrainer: advantages (scale group/batch/none, unscorable rewards), the policy loss for loss types
   grpo, bnpo, dr_grpo, dapo, cispo, GSPO's sequence-level ratio, the k3 KL term (values and
-  gradients), and the vLLM importance-sampling ratio (token/sequence, truncate/mask).
+  gradients), the entropy bonus, and the vLLM importance-sampling ratio (token/sequence,
+  truncate/mask).
 - RLOOTrainer: advantages, with normalisation and with the k1 KL penalty in the reward.
 """
 
@@ -24,6 +25,7 @@ from posttrain.algorithms import (
     aggregate_loss,
     bradley_terry_loss,
     compute_policy_loss,
+    entropy_bonus,
     group_advantages,
     kl_estimate,
     kto_loss,
@@ -463,6 +465,18 @@ def test_grpo_policy_loss_matches_trl(loss_type, beta):
     (g_trl,) = torch.autograd.grad(expected, trl_logps)
     (g_ours,) = torch.autograd.grad(ours, logps)
     torch.testing.assert_close(g_ours, g_trl, atol=ATOL, rtol=RTOL)
+
+
+def test_entropy_bonus_matches_trl():
+    p = policy_batch(18, batch=4, width=5, junk=False)
+    entropies = torch.rand(p.mask.shape, dtype=DTYPE, generator=torch.Generator().manual_seed(18)) * 3
+    expected = trl.trl_grpo_loss(
+        "bnpo", p.logprobs, p.old_logprobs, p.advantages, p.mask, entropies=entropies, entropy_coef=0.03
+    )
+    ours = compute_policy_loss("ppo", p.logprobs, p.old_logprobs, p.advantages, p.mask).loss
+    ours = ours + entropy_bonus(entropies, p.mask, coef=0.03)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
+    assert entropy_bonus(entropies, p.mask, coef=0.03) < 0
 
 
 @pytest.mark.parametrize("loss_type,mode", [("grpo", "seq-mean-token-mean"), ("dapo", "token-mean")])
