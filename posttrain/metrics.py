@@ -118,7 +118,7 @@ def plot_metrics(metrics_path: Path, out_dir: Path, groups: list[list[str]] | No
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{'_'.join(series)}.png"
+        path = out_dir / ("_".join(series).replace("/", "-") + ".png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

@@ -15,6 +15,9 @@ from posttrain.errors import ConfigError
 
 TRAINERS = {
     "sft": "posttrain.trainers.sft",
+    "dpo": "posttrain.trainers.dpo",
+    "rm": "posttrain.trainers.reward_model",
+    "prm": "posttrain.trainers.reward_model",
 }
 
 

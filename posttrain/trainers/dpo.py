@@ -50,9 +50,7 @@ from posttrain.trainers.reference import FrozenReference, cache_key, eval_mode, 
 log = logging.getLogger("posttrain")
 
 # Losses that use only the policy (no reference model is loaded for them).
-REFERENCE_FREE = {"simpo", "orpo", "sft"}
-# Losses defined on length-normalised (average per token) log-probs.
-LENGTH_NORMALISED = {"simpo", "orpo"}
+REFERENCE_FREE = {"simpo", "orpo", "cpo", "sft"}
 
 
 @dataclass
@@ -61,12 +59,12 @@ class DPOSettings:
     loss_weights: list[float] | None = doc(None, "One weight per loss_type (default: all 1).")
     beta: float = doc(0.1, "Inverse temperature of the implicit reward (beta in DPO; tau in IPO).")
     label_smoothing: float = doc(0.0, "Assumed share of flipped labels (conservative / robust DPO).")
-    loss_args: dict = doc({}, "Extra keyword arguments of the loss, e.g. {gamma: 0.5} for SimPO's margin.")
+    loss_args: dict = doc({}, "Options of the selected losses, e.g. {simpo_gamma: 0.5} or {rpo_alpha: 1.0}; an option no selected loss takes is an error.")
     reference_path: str | None = doc(None, "Reference model directory (default: the policy's initial weights).")
     precompute_reference: bool = doc(False, "Compute reference log-probs once before training and cache them.")
 
     def validate(self, source: str) -> None:
-        known = set(algorithms.PREFERENCE_LOSSES) | {"sft"}
+        known = set(algorithms.PREFERENCE_LOSSES)
         for name in self.loss_type:
             if name not in known:
                 import difflib
@@ -102,27 +100,13 @@ def preflight(cfg: Config, world_size: int, source: str) -> None:
 def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-pair loss: the weighted sum of the configured preference losses.
 
-    ``logps`` holds summed log-probs (``chosen``, ``rejected``, ``ref_chosen``,
-    ``ref_rejected``) and completion token counts (``chosen_len``, ``rejected_len``).
+    ``logps`` holds summed log-probs (``chosen``, ``rejected`` and, unless every loss is
+    reference-free, ``ref_chosen``, ``ref_rejected``) and completion token counts.
     """
-    weights = settings.loss_weights or [1.0] * len(settings.loss_type)
-    total = torch.zeros_like(logps["chosen"])
-    for name, weight in zip(settings.loss_type, weights):
-        if name == "sft":  # NLL of the chosen completion per token (RPO's auxiliary term)
-            total = total + weight * (-logps["chosen"] / logps["chosen_len"].clamp(min=1))
-            continue
-        chosen, rejected = logps["chosen"], logps["rejected"]
-        if name in LENGTH_NORMALISED:
-            chosen, rejected = chosen / logps["chosen_len"].clamp(min=1), rejected / logps["rejected_len"].clamp(min=1)
-        ref = {} if name in REFERENCE_FREE else {"ref_chosen_logps": logps["ref_chosen"],
-                                                 "ref_rejected_logps": logps["ref_rejected"]}
-        extra = dict(settings.loss_args)
-        extra.setdefault("chosen_lengths", logps["chosen_len"])
-        extra.setdefault("rejected_lengths", logps["rejected_len"])
-        losses = algorithms.preference_loss(name, chosen, rejected, beta=settings.beta,
-                                            label_smoothing=settings.label_smoothing, **ref, **extra)
-        total = total + weight * losses
-    return total
+    return algorithms.preference_loss(
+        settings.loss_type, logps["chosen"], logps["rejected"], logps.get("ref_chosen"), logps.get("ref_rejected"),
+        beta=settings.beta, label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights,
+        chosen_lengths=logps["chosen_len"], rejected_lengths=logps["rejected_len"], **settings.loss_args)
 
 
 class Recipe:
@@ -256,15 +240,12 @@ class Recipe:
         return out
 
     def _reward_stats(self, logps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        beta = self.cfg.dpo.beta
-        if self.needs_reference:
-            chosen_r = beta * (logps["chosen"] - logps["ref_chosen"]).detach()
-            rejected_r = beta * (logps["rejected"] - logps["ref_rejected"]).detach()
-        else:  # reference-free: the implicit reward is the (length-normalised) log-prob
-            chosen_r = beta * (logps["chosen"] / logps["chosen_len"].clamp(min=1)).detach()
-            rejected_r = beta * (logps["rejected"] / logps["rejected_len"].clamp(min=1)).detach()
-        return {"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
-                "rewards/accuracy": (chosen_r > rejected_r).float(), "rewards/margin": chosen_r - rejected_r,
+        lengths = {} if self.needs_reference else {"chosen_lengths": logps["chosen_len"],
+                                                   "rejected_lengths": logps["rejected_len"]}
+        rewards = algorithms.preference_rewards(logps["chosen"], logps["rejected"], logps.get("ref_chosen"),
+                                                logps.get("ref_rejected"), beta=self.cfg.dpo.beta, **lengths)
+        return {"rewards/chosen": rewards.chosen, "rewards/rejected": rewards.rejected,
+                "rewards/accuracy": rewards.accuracies, "rewards/margin": rewards.margins,
                 "logps/chosen": logps["chosen"].detach(), "logps/rejected": logps["rejected"].detach()}
 
     def train_step(self, step: int) -> dict:

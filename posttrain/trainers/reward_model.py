@@ -111,12 +111,12 @@ class StepTask:
         batch = collate_process(examples, pad_token_id)
         logits = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         at_step = batch["step_labels"] != IGNORE
-        step_logits = logits[at_step]  # [steps, 2] in row-major order: example by example
+        per_position = algorithms.process_reward_loss(logits, batch["step_labels"], at_step)
+        counts = at_step.sum(dim=1).clamp(min=1).float()
+        losses = per_position.sum(dim=1) / counts  # each example: mean over its steps
+        step_logits = logits[at_step]  # [steps, 2], example by example
         targets = batch["step_labels"][at_step]
-        per_step = algorithms.process_reward_loss(step_logits[:, 1] - step_logits[:, 0], targets)
         owner = at_step.nonzero()[:, 0]
-        counts = torch.bincount(owner, minlength=len(examples)).clamp(min=1).float()
-        losses = torch.zeros(len(examples)).index_add(0, owner, per_step) / counts
         predicted_good = (step_logits[:, 1] > step_logits[:, 0]).float()
         correct = (predicted_good == (targets >= 0.5).float()).float()
         return {"loss": losses, "step_accuracy": torch.zeros(len(examples)).index_add(0, owner, correct) / counts,

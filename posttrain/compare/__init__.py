@@ -1,0 +1,1 @@
+"""Reference implementations we compare against (TRL), for parity tests and benchmarks."""
