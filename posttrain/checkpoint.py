@@ -101,8 +101,18 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             self._prune()
+            self._point_last(final)
         barrier()
         return final
+
+    def _point_last(self, final: Path) -> None:
+        """``checkpoints/last`` -> the newest checkpoint, a stable path for the next stage's recipe."""
+        link = self.root / "last"
+        tmp = self.root / ".last.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(final.name)
+        tmp.replace(link)
 
     def _prune(self) -> None:
         complete = list_complete(self.root)

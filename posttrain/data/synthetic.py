@@ -32,7 +32,9 @@ def arithmetic_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dic
 
 
 def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
-    """Pairs whose chosen answer is right and rejected answer wrong (by 1 to 10, either way).
+    """Pairs whose chosen answer is right and rejected answer wrong by 8 to 30 (either way, never negative).
+
+    Wrong by a clear margin, so a tiny model with an approximate sense of sums can tell them apart.
 
     Also carries ``answer`` so greedy accuracy can be measured on the same prompts.
     """
@@ -40,9 +42,9 @@ def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dic
     rows = []
     for _ in range(n):
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        wrong = a + b + rng.choice([-1, 1]) * rng.randint(1, 10)
+        wrong = a + b + rng.choice([-1, 1]) * rng.randint(8, 30)
         if wrong < 0:
-            wrong = a + b + rng.randint(1, 10)
+            wrong = a + b + rng.randint(8, 30)
         rows.append({
             "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
             "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}],
@@ -53,7 +55,8 @@ def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dic
 
 
 def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
-    """PRM rows: a sum worked out in steps, some steps wrong (label false) from the first error on."""
+    """PRM rows: a sum worked out in steps; half the rows have one step off by 5 to 15, and every step
+    from the first error on is labelled false (the solution can no longer be right)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -62,7 +65,7 @@ def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
         error_at = rng.randint(1, len(terms) - 1) if rng.random() < 0.5 else None
         for i, term in enumerate(terms[1:], start=1):
             right = total + term
-            claimed = right + rng.choice([-3, -2, -1, 1, 2, 3]) if i == error_at else right
+            claimed = right + rng.choice([-1, 1]) * rng.randint(5, 15) if i == error_at else right
             broken = broken or claimed != right
             steps.append(f"{total} + {term} = {claimed}")
             labels.append(not broken)
