@@ -14,6 +14,7 @@ init_distributed``) before creating the engine; vLLM then reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -138,6 +139,41 @@ def _sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:
     return [position[token].logprob for position, token in zip(logprobs, token_ids)]
 
 
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _preserve_process_state():
+    """Undo what an in-process vLLM start does to the learner's process.
+
+    vLLM seeds the global Python/NumPy/torch generators (it assumes a process
+    of its own) and, on CPU, rewrites ``LOCAL_WORLD_SIZE``. The learner's
+    randomness must not depend on whether an engine was started, and torchrun's
+    variables must stay true. Sampling does not need the global generators:
+    generate() seeds every request.
+    """
+    import random
+
+    import numpy as np
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    env = {key: os.environ.get(key) for key in _LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class RolloutEngine:
     """A vLLM engine in this process, with the settings of a ``RolloutConfig``.
 
@@ -193,7 +229,8 @@ class RolloutEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
 
         start = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        with _preserve_process_state():
+            self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - start
         self._worker = self._in_process_worker()
         self._asleep: set[str] = set()

@@ -200,10 +200,14 @@ def sync_weights(
     with torch.no_grad(), PeakMemory(device) as meter:
         stream = iter_checkpoint_tensors(model, bucket_bytes=bucket_bytes, lora_scaling=lora_scaling,
                                          adapter=adapter, stats=stats)
-        if engine is not None:
-            engine.load_weights(stream)
-        for _ in stream:  # engine-less ranks, or anything the engine left: finish the collective gathers
-            pass
+        try:
+            if engine is not None:
+                engine.load_weights(stream)
+        finally:
+            # Engine-less ranks, whatever the engine left, or an engine that failed midway: finish the
+            # collective ZeRO-3 gathers so the other ranks are not left waiting.
+            for _ in stream:
+                pass
     stats.seconds = time.perf_counter() - start
     stats.measured_peak_bytes = meter.peak_extra_bytes
     stats.memory_source = meter.source

@@ -19,6 +19,7 @@ CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "cont
 TEXT = "The answer is"
 LONG = list(range(5, 300))  # longer than one KV block (128 on CPU): exercises the prefix cache
 PROMPTS = [CHAT, TEXT, LONG]
+START: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,11 @@ def engine(tiny_model):
 
     init_distributed()  # a world of one, before the engine, as under torchrun
     cfg = RolloutConfig(enforce_eager=True, max_model_len=512, max_num_seqs=16, max_tokens=MAX_TOKENS, seed=0)
+    torch.manual_seed(1234)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(1234)
     eng = RolloutEngine(tiny_model, cfg)
+    START["draw_after_start"], START["expected_draw"] = torch.rand(4), expected_draw
     print(f"\nengine start: {eng.start_seconds:.2f} s, KV cache {eng.kv_cache_bytes / 2**20:.0f} MiB")
     yield eng
     eng.close()
@@ -97,6 +102,11 @@ def test_prompt_forms_and_result_structure(engine):
     assert tensors["completion_mask"][row].sum() == c and tensors["completion_mask"][row, p] == 1
     assert torch.allclose(tensors["sampler_logprobs"][row, p : p + c], torch.tensor(s.logprobs))
     assert tensors["group"].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_engine_start_leaves_the_learners_rng_alone(engine):
+    # vLLM seeds the global generators at start; the engine puts them back.
+    assert torch.equal(START["draw_after_start"], START["expected_draw"])
 
 
 def test_bad_prompts_are_user_errors(engine):
