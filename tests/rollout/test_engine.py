@@ -305,3 +305,25 @@ def test_sampler_logprobs_match_learner_recompute(engine, tiny_model, temperatur
     if temperature != 1.0:
         untempered = token_logprobs(logits, tensors["input_ids"], tensors["completion_mask"], temperature=1.0)
         assert drift_stats(tensors["sampler_logprobs"], untempered, tensors["completion_mask"])["abs_diff_max"] > 1e-2
+
+
+def test_top_k_logprobs_are_of_the_truncated_distribution(engine, tiny_model):
+    from posttrain.rollout import drift_stats, sync_weights, token_logprobs
+
+    model = _perturbed(tiny_model, seed=6)
+    sync_weights(engine, model)
+    batch = engine.generate([TEXT, CHAT], n=2, temperature=1.0, top_k=5, seed=3)
+    tensors = batch.collate(pad_token_id=engine.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+    full = token_logprobs(logits, tensors["input_ids"], tensors["completion_mask"])
+    mask = tensors["completion_mask"].bool()
+    # Renormalised over the 5 kept tokens, every sampled token gets more mass than under the full softmax.
+    assert (tensors["sampler_logprobs"][mask] >= full[mask] - 1e-5).all()
+    assert drift_stats(tensors["sampler_logprobs"], full, tensors["completion_mask"])["abs_diff_mean"] > 1e-2
+    top5 = logits.topk(5, dim=-1).values  # exact check: log_softmax over the top 5 logits
+    renorm = torch.zeros_like(full)
+    rows, cols = mask.nonzero(as_tuple=True)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        renorm[r, c] = logits[r, c - 1, tensors["input_ids"][r, c]] - torch.logsumexp(top5[r, c - 1], dim=-1)
+    assert drift_stats(tensors["sampler_logprobs"], renorm, tensors["completion_mask"])["abs_diff_max"] < 1e-3
