@@ -95,7 +95,7 @@ class RolloutBatch(Sequence[Sample]):
         at position ``t``, 0 elsewhere) are all ``[B, L]``; ``group`` is ``[B]``.
         This is the layout ``posttrain.rollout.logprobs.token_logprobs`` returns.
         """
-        width = max(len(s.prompt_ids) + len(s.completion_ids) for s in self.samples)
+        width = max((len(s.prompt_ids) + len(s.completion_ids) for s in self.samples), default=0)
         batch = len(self.samples)
         input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
         attention = torch.zeros((batch, width), dtype=torch.long)
@@ -347,12 +347,14 @@ class RolloutEngine:
         if isinstance(prompts, (str, dict)):
             raise UserError("generate() takes a list of prompts; wrap a single prompt in a list.")
         token_prompts = [self.tokenize(p) for p in prompts]
+        n = self.cfg.n if n is None else n
+        if not token_prompts:
+            return RolloutBatch([], num_prompts=0, n=n)
         budget = self.max_model_len
         for i, ids in enumerate(token_prompts):
             if len(ids) >= budget:
                 raise UserError(f"prompt {i} has {len(ids)} tokens; rollout.max_model_len ({budget}) leaves no room "
                                 "for a completion.", hint="Raise rollout.max_model_len or shorten the prompt.")
-        n = self.cfg.n if n is None else n
         if seed is None and self.cfg.seed is not None:
             seed = _derive_seed(self.cfg.seed, self._calls)
         self._calls += 1

@@ -93,6 +93,7 @@ def test_prompt_forms_and_result_structure(engine):
         assert all(lp <= 0.0 for lp in sample.logprobs)
         assert sample.finish_reason in ("stop", "length")
     assert [len(g) for g in batch.groups()] == [2, 2, 2]
+    assert len(engine.generate([])) == 0
 
     tensors = batch.collate(pad_token_id=tok.pad_token_id)
     row = 3  # group 1, sample 1
