@@ -45,7 +45,8 @@ def test_one_process_trains_and_saves_hf_checkpoint(one_process_run):
     steps = [s for s, _ in losses(one_process_run)]
     assert steps == [1, 2, 3, 4, 5, 6]
     checkpoints = sorted(p.name for p in (one_process_run / "checkpoints").iterdir())
-    assert checkpoints == ["step-000004", "step-000006"]  # keep_last=2 pruned step 2
+    assert checkpoints == ["last", "step-000004", "step-000006"]  # keep_last=2 pruned step 2
+    assert (one_process_run / "checkpoints" / "last").resolve().name == "step-000006"
     assert (one_process_run / "plots" / "loss_eval_loss.png").stat().st_size > 1000
     model_dir = one_process_run / "checkpoints" / "step-000006" / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
