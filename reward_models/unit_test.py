@@ -17,7 +17,8 @@ Each row's ``reward_info`` holds the verdict: ``passed``, ``failed`` (``failed_t
 
 from __future__ import annotations
 
-import json
+import ast
+import marshal
 import secrets
 import threading
 from pathlib import Path
@@ -31,6 +32,14 @@ from reward_models.types import Column, RewardOutput
 HARNESS = Path(__file__).with_name("_test_harness.py").read_text()
 MiB = 1024 * 1024
 _STDERR_TAIL = 600
+
+
+def _literal(payload: str) -> dict:
+    try:
+        value = ast.literal_eval(payload)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = None
+    return value if isinstance(value, dict) else {"type": "unknown", "message": payload[:300]}
 
 
 def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
@@ -51,10 +60,7 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
             if kind == "PASS":
                 passed.add(int(index))
             else:
-                try:
-                    failures[int(index)] = json.loads(payload)
-                except json.JSONDecodeError:
-                    failures[int(index)] = {"type": "unknown", "message": payload[:300]}
+                failures[int(index)] = _literal(payload)
     passed -= set(failures)
     info: dict = {"passed": len(passed), "total": total}
     if done and len(passed) == total:
@@ -114,7 +120,7 @@ class UnitTestReward:
         nonce = secrets.token_hex(16)
         payload = {"solution": extract_code(completion_text(completion), self.extract), "tests": tests,
                    "entry_point": entry_point}
-        files = {"main.py": HARNESS, "job.json": json.dumps(payload)}
+        files = {"main.py": HARNESS, "job.bin": marshal.dumps(payload)}
         return Job(files, self.sandbox.python_argv("main.py"), stdin=(nonce + "\n").encode()), nonce, len(tests)
 
     def __call__(self, prompts: list, completions: list, tests: list | None = None,

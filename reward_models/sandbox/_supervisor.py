@@ -1,7 +1,8 @@
 """Sandbox supervisor: run one untrusted program isolated and limited, then report how it ended.
 
-Started by ``reward_models.sandbox.runner`` as ``python -I -S _supervisor.py CONFIG_JSON``, with
-the file descriptor ``report_fd`` of the config open for the report. Standard library only: it runs in isolated mode.
+Started by ``reward_models.sandbox.runner`` as ``python -I -S _supervisor.py CONFIG``, where CONFIG
+is the hex of a ``marshal``-ed dict, with the config's ``report_fd`` open for the report. Standard
+library only (it runs in isolated mode), and no ``json``: its import costs more than the rest.
 
 Steps (each layer is tried; one that fails is reported and the others still apply):
   1. die with the caller (PR_SET_PDEATHSIG);
@@ -17,12 +18,12 @@ Steps (each layer is tried; one that fails is reported and the others still appl
      (output limit) does the same; without a pid namespace, every process of the sandbox uid
      (or, without a uid, of the program's process group) is killed after the program ends.
 
-The report is JSON lines: ``{"setup": {...}}`` from the child just before exec, then
-``{"exit": {...}}`` from the supervisor once nothing of the program is left.
+The report is lines of Python literals: ``{"setup": {...}}`` from the child just before exec,
+then ``{"exit": {...}}`` from the supervisor once nothing of the program is left.
 """
 
 import ctypes
-import json
+import marshal
 import os
 import resource
 import signal
@@ -74,7 +75,7 @@ def prctl(option, value):
 
 
 def write_report(kind, payload):
-    os.write(REPORT_FD, (json.dumps({kind: payload}) + "\n").encode())
+    os.write(REPORT_FD, (repr({kind: payload}) + "\n").encode())
 
 
 def _unescape(path):
@@ -211,7 +212,7 @@ def kill_user(uid):
 
 def main():
     global REPORT_FD
-    cfg = json.loads(sys.argv[1])
+    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
     REPORT_FD = cfg["report_fd"]
     os.set_inheritable(REPORT_FD, False)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

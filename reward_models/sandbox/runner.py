@@ -10,8 +10,9 @@ removed afterwards, and no process of the program is left when ``run`` returns.
 
 from __future__ import annotations
 
-import json
+import ast
 import logging
+import marshal
 import os
 import selectors
 import shutil
@@ -138,7 +139,7 @@ class Sandbox:
         config["report_fd"] = report_w
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", SUPERVISOR, json.dumps(config)],
+                [sys.executable, "-I", "-S", SUPERVISOR, marshal.dumps(config).hex()],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 pass_fds=(report_w,), env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
             )
@@ -252,8 +253,10 @@ def _parse_report(raw: bytes) -> tuple[dict, dict | None]:
     setup, exit_info = {}, None
     for line in raw.decode(errors="replace").splitlines():
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
+            entry = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if not isinstance(entry, dict):
             continue
         setup = entry.get("setup", setup)
         exit_info = entry.get("exit", exit_info)
