@@ -145,7 +145,9 @@ def accepted_args(target: Callable, skip: tuple[str, ...] = ()) -> tuple[set[str
 
 def _check_args(target: Callable, args: Mapping[str, object], spec: str, *, factory: bool) -> None:
     names, required, var_kw = accepted_args(target, skip=() if factory else _REWARD_POSITIONALS)
-    unknown = [k for k in args if k not in names and not var_kw]
+    # A plain reward's **columns is for dataset columns: a setting must name a parameter, so a
+    # misspelt one is an error rather than an unused column.
+    unknown = [k for k in args if k not in names and not (var_kw and factory)]
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
         accepted = ", ".join(sorted(names)) or "none"
@@ -178,7 +180,7 @@ def build_reward(obj: object, args: Mapping[str, object], *, name: str, spec: st
     factory = is_class or is_factory(obj)
     if not callable(obj):
         raise UserError(f"reward {where!r} is a {type(obj).__name__}, not a function or class.")
-    target = obj.__init__ if is_class else obj
+    target = obj  # inspect.signature of a class gives its __init__ without self
     if defaults:
         names, _, var_kw = accepted_args(target, skip=() if factory else _REWARD_POSITIONALS)
         for key, value in defaults.items():
