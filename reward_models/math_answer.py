@@ -35,11 +35,12 @@ def parse_gold(gold: str, timeout: int):
     """Parse a reference answer; bare LaTeX (``\\frac{3}{4}``, ``x^2+1``) is read as math mode."""
     from math_verify import parse
 
+    # no_fallback: a gold answer that does not parse must abstain, not be compared as raw text.
     if not any(mark in gold for mark in _ANCHORED):
-        parsed = parse(f"${gold}$", parsing_timeout=timeout)
+        parsed = parse(f"${gold}$", fallback_mode="no_fallback", parsing_timeout=timeout)
         if parsed:
             return parsed
-    return parse(gold, parsing_timeout=timeout)
+    return parse(gold, fallback_mode="no_fallback", parsing_timeout=timeout)
 
 
 def parse_prediction(text: str, boxed_only: bool, timeout: int):

@@ -16,7 +16,8 @@ Steps (each layer is tried; one that fails is reported and the others still appl
      session; an unprivileged uid/gid with no supplementary groups and no_new_privs; then exec;
   5. in the supervisor: a wall-clock alarm that kills the program; SIGTERM from the caller
      (output limit) does the same; without a pid namespace, every process of the sandbox uid
-     (or, without a uid, of the program's process group) is killed after the program ends.
+     (or, without a uid, of the program's process group) is killed after the program ends, and,
+     without a mount namespace, files it left in /tmp, /var/tmp and /dev/shm are deleted.
 
 The report is lines of Python literals: ``{"setup": {...}}`` from the child just before exec,
 then ``{"exit": {...}}`` from the supervisor once nothing of the program is left.
@@ -181,6 +182,16 @@ def run_child(cfg, layers):
             setup_filesystem(cfg, layers)
         except OSError as err:
             layers["private_workdir"] = f"failed: {err}"
+    if layers.get("private_workdir") is not True and cfg["uid"] is not None:
+        hidden = [p for p in cfg["reach"] if hidden_ancestor(p)]
+        if hidden:
+            raise OSError(f"the interpreter's directory {hidden[0]!r} is not readable by other users and, "
+                          "without a mount namespace, cannot be made readable for the sandbox user; "
+                          "give the sandbox a world-readable interpreter (python=...)")
+        if hidden_ancestor(os.path.dirname(cfg["workdir"])):
+            raise OSError(f"the work directory's parent {os.path.dirname(cfg['workdir'])!r} is not "
+                          "traversable by other users; without a mount namespace the sandbox user needs it "
+                          "(choose a base_dir like /tmp)")
     set_limits(cfg["limits"])
     layers["rlimits"] = True
     if cfg["uid"] is not None:
@@ -192,22 +203,64 @@ def run_child(cfg, layers):
     layers["no_new_privs"] = True
     write_report("setup", layers)
     os.chdir(cfg["workdir"])
-    os.closerange(3, 65536)
+    os.closerange(3, REPORT_FD)  # the report fd itself is close-on-exec: open until exec succeeds
+    os.closerange(REPORT_FD + 1, 65536)
     os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
 
 
-def kill_user(uid):
-    """Kill every process running as ``uid`` (a helper that becomes the uid and signals -1)."""
-    helper = os.fork()
-    if helper == 0:
+def live_processes(uid):
+    """Pids of processes of ``uid`` that are not zombies (dead, waiting to be reaped by their parent)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            os.setresuid(uid, uid, uid)
-            for _ in range(3):  # again, for processes forked while the first signal went out
-                os.kill(-1, signal.SIGKILL)
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
-            pass
-        os._exit(0)
-    os.waitpid(helper, 0)
+            continue
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_user(uid):
+    """Kill every process running as ``uid`` (a helper becomes the uid and signals -1), until none lives."""
+    for _ in range(40):
+        helper = os.fork()
+        if helper == 0:
+            try:
+                os.setresuid(uid, uid, uid)
+                for _ in range(3):  # again, for processes forked while the first signal went out
+                    os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
+            os._exit(0)
+        os.waitpid(helper, 0)
+        if not live_processes(uid):
+            return
+        time.sleep(0.05)
+
+
+def remove_user_files(uid):
+    """Without a private /tmp, delete what the sandbox user left in the world-writable temp dirs."""
+    import shutil
+
+    for top in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
 
 def main():
@@ -249,8 +302,10 @@ def main():
         try:
             run_child(cfg, layers)
         except BaseException as err:  # noqa: BLE001 - reported; the run is then a sandbox error
-            os.write(2, f"sandbox setup failed: {err!r}\n".encode())
-            os._exit(125)
+            try:
+                write_report("setup_error", f"{type(err).__name__}: {err}")
+            finally:
+                os._exit(125)
     state["child"] = pid
     if state["killed_by"] is not None:  # a signal arrived before the fork returned
         stop(state["killed_by"])
@@ -270,6 +325,8 @@ def main():
     if layers.get("pid_namespace") is not True:
         if cfg["uid"] is not None:
             kill_user(cfg["uid"])
+            if layers.get("mount_namespace") is not True:
+                remove_user_files(cfg["uid"])
         else:
             try:
                 os.killpg(pid, signal.SIGKILL)

@@ -97,7 +97,9 @@ class Sandbox:
             python = sys.executable if site_packages else os.path.realpath(getattr(sys, "_base_executable",
                                                                                     sys.executable))
         self.python = python
-        self.reach = sorted({sys.base_prefix, sys.prefix} if site_packages else {sys.base_prefix})
+        # The interpreter's installation (the parent of its bin/) must be readable by the sandbox user.
+        prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+        self.reach = sorted({prefix, sys.prefix} if site_packages else {prefix})
         self.is_root = os.geteuid() == 0
 
     def python_argv(self, script: str, *args: str) -> list[str]:
@@ -249,8 +251,8 @@ class _Capture:
                 stream.close()
 
 
-def _parse_report(raw: bytes) -> tuple[dict, dict | None]:
-    setup, exit_info = {}, None
+def _parse_report(raw: bytes) -> tuple[dict, dict | None, str | None]:
+    setup, exit_info, setup_error = {}, None, None
     for line in raw.decode(errors="replace").splitlines():
         try:
             entry = ast.literal_eval(line)
@@ -260,11 +262,12 @@ def _parse_report(raw: bytes) -> tuple[dict, dict | None]:
             continue
         setup = entry.get("setup", setup)
         exit_info = entry.get("exit", exit_info)
-    return setup, exit_info
+        setup_error = entry.get("setup_error", setup_error)
+    return setup, exit_info, setup_error
 
 
 def _verdict(capture: _Capture, limits: Limits) -> RunResult:
-    setup, exit_info = _parse_report(bytes(capture.report))
+    setup, exit_info, setup_error = _parse_report(bytes(capture.report))
     stdout = capture.out["stdout"].decode(errors="replace")
     stderr = capture.out["stderr"].decode(errors="replace")
     if exit_info is None:
@@ -280,8 +283,8 @@ def _verdict(capture: _Capture, limits: Limits) -> RunResult:
         result.status, result.detail = "timeout", f"wall-clock limit of {limits.wall_seconds:g} s"
     elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and result.cpu_seconds >= limits.cpu_seconds - 0.05):
         result.status, result.detail = "timeout", f"CPU-time limit of {limits.cpu_seconds:g} s"
-    elif result.exit_code == 125 and not setup:
-        result.status, result.detail = "error", f"sandbox setup failed: {stderr[-500:]}"
+    elif setup_error is not None:
+        result.status, result.detail = "error", f"sandbox setup failed: {setup_error}"
     elif (result.exit_code not in (0, None) or sig is not None) and "MemoryError" in stderr[-4000:]:
         result.status, result.detail = "memory", f"address-space limit of {limits.memory_bytes} bytes"
     elif sig is not None:

@@ -35,19 +35,24 @@ def run_score(*args: str, cwd: Path | None = None, env: dict | None = None,
 
 
 def sandbox_processes() -> list[tuple[int, int, str]]:
-    """(pid, uid, command) of every process running as a sandbox uid."""
+    """(pid, uid, command) of every live process running as a sandbox uid.
+
+    Zombies are dead processes whose exit status their (host) parent has not collected yet;
+    they hold no memory, files or CPU, so they are not counted.
+    """
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/status") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, StopIteration):
+        except OSError:
             continue
-        if uid >= SANDBOX_UID_MIN:
+        uid = int(fields["Uid"].split()[0])
+        if uid >= SANDBOX_UID_MIN and not fields["State"].strip().startswith("Z"):
             found.append((int(entry), uid, cmd))
     return found
 
