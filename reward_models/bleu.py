@@ -33,7 +33,7 @@ def bleu(*, lowercase: bool = False, tokenize: str | None = None, smooth_method:
             raise KeyError(f"bleu needs a {column!r} column (a reference string or a list of them)")
         scores: list[float | None] = []
         info: list[dict] = []
-        for completion, refs in zip(completions, refs_column):
+        for completion, refs in zip(completions, refs_column, strict=True):
             refs = [refs] if isinstance(refs, str) else list(refs or [])
             if not refs or not all(isinstance(r, str) for r in refs):
                 scores.append(None)

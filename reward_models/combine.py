@@ -30,7 +30,7 @@ def normalize_column(values: Sequence[float | None], groups: Sequence[Hashable] 
     if len(keys) != len(values):
         raise ValueError(f"{len(keys)} group ids for {len(values)} values")
     members: dict[Hashable, list[float]] = {}
-    for key, value in zip(keys, values):
+    for key, value in zip(keys, values, strict=True):
         if value is not None:
             members.setdefault(key, []).append(value)
     stats = {}
@@ -39,7 +39,7 @@ def normalize_column(values: Sequence[float | None], groups: Sequence[Hashable] 
         std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / len(vals))
         stats[key] = (mean, std)
     out: list[float | None] = []
-    for key, value in zip(keys, values):
+    for key, value in zip(keys, values, strict=True):
         if value is None:
             out.append(None)
         else:
@@ -64,7 +64,7 @@ def combine(columns: Sequence[Sequence[float | None]], weights: Sequence[float],
         columns = [normalize_column(c, groups) for c in columns]
     totals: list[float | None] = []
     for i in range(n):
-        present = [(w, c[i]) for c, w in zip(columns, weights) if c[i] is not None]
+        present = [(w, c[i]) for c, w in zip(columns, weights, strict=True) if c[i] is not None]
         if not present:
             totals.append(None)
             continue

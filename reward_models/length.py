@@ -79,7 +79,7 @@ def length(*, target: int | None = None, max_length: int | None = None, soft_zon
                       **columns) -> list[float]:
         ids_column = completion_ids if completion_ids is not None else [None] * len(completions)
         scores = []
-        for completion, ids in zip(completions, ids_column):
+        for completion, ids in zip(completions, ids_column, strict=True):
             n = measure(completion, ids)
             score = target_term(n, target) if target is not None else 0.0
             if max_length is not None:

@@ -53,8 +53,8 @@ class Reward:
         target = self.fn
         if inspect.iscoroutinefunction(target):
             return True
-        call = getattr(type(target), "__call__", None)
-        return call is not None and inspect.iscoroutinefunction(call)
+        # a callable object whose __call__ is a coroutine function
+        return callable(target) and inspect.iscoroutinefunction(type(target).__call__)
 
     def __call__(self, prompts: list, completions: list, **columns):
         return self.fn(prompts, completions, **columns)

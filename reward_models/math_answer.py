@@ -127,11 +127,11 @@ class MathVerifier:
                 for gold, rows in groups.items()]
         with ThreadPoolExecutor(max_workers=len(self._workers)) as pool:
             outcomes = list(pool.map(lambda job: self._check(*job), jobs))
-        for rows, outcome in zip(groups.values(), outcomes):
+        for rows, outcome in zip(groups.values(), outcomes, strict=True):
             if outcome.kind != "ok":
                 errors.update({i: f"math_verify {outcome.kind}: {outcome.message}" for i in rows})
                 continue
-            for i, (score, row_info) in zip(rows, outcome.value):
+            for i, (score, row_info) in zip(rows, outcome.value, strict=True):
                 scores[i], info[i] = score, row_info
         return RewardOutput(scores, info, errors)
 

@@ -56,7 +56,7 @@ class OutcomeRewardModel:
 
         tokenizer, model = self.load()
         sequences = [tokenizer(orm_text(tokenizer, p, c), add_special_tokens=False)["input_ids"][-self.max_length:]
-                     for p, c in zip(prompts, completions)]
+                     for p, c in zip(prompts, completions, strict=True)]
         scores = [0.0] * len(sequences)
         pad = pad_id(tokenizer, model)
         with self._lock, torch.inference_mode():
@@ -64,7 +64,7 @@ class OutcomeRewardModel:
                 ids, mask = padded([sequences[i] for i in group], pad, self.device)
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
                 values = logits[:, 0] if logits.shape[-1] == 1 else logits.softmax(-1)[:, self.label]
-                for i, value in zip(group, values.tolist()):
+                for i, value in zip(group, values.tolist(), strict=True):
                     scores[i] = value
         return scores
 

@@ -58,7 +58,7 @@ def prm_token_labels(length: int, positions: list[int], labels: list[int | float
     if len(positions) != len(labels):
         raise ValueError(f"{len(positions)} step positions but {len(labels)} labels")
     targets: list[int | float] = [IGNORE_INDEX] * length
-    for position, label in zip(positions, labels):
+    for position, label in zip(positions, labels, strict=True):
         targets[position] = label
     return targets
 
@@ -107,7 +107,7 @@ class ProcessRewardModel:
 
         tokenizer, model = self.load()
         inputs = []
-        for prompt, steps in zip(prompts, step_lists):
+        for prompt, steps in zip(prompts, step_lists, strict=True):
             ids, positions = build_prm_inputs(tokenizer, prompt, steps, self.separator)
             if self.max_length is not None:
                 ids = ids[:self.max_length]
@@ -128,7 +128,7 @@ class ProcessRewardModel:
         step_lists = [split_steps(completion_text(c), self.split_on) for c in completions]
         per_step = self.step_scores(list(prompts), step_lists)
         scores, info = [], []
-        for steps, step_scores in zip(step_lists, per_step):
+        for steps, step_scores in zip(step_lists, per_step, strict=True):
             scores.append(aggregate(step_scores, self.aggregation))
             info.append({"step_scores": step_scores, "steps": len(steps), "aggregate": self.aggregation})
         return RewardOutput(scores, info)

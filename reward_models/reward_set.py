@@ -273,7 +273,7 @@ class RewardSet:
         scores: dict[str, list[float | None]] = {}
         info: list[dict[str, dict]] = [{} for _ in range(n)]
         issues: list[RewardIssue] = []
-        for entry, (column, details, problems) in zip(self._entries, results):
+        for entry, (column, details, problems) in zip(self._entries, results, strict=True):
             for i, d in enumerate(details):
                 info[i][entry.label] = d
             issues += [RewardIssue(entry.label, ids[p.row], p.kind, p.message) for p in problems]

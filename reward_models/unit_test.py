@@ -131,7 +131,7 @@ class UnitTestReward:
         scores: list[float | None] = [None] * len(completions)
         info: list[dict] = [{} for _ in completions]
         pending = []
-        for i, (completion, row_tests, row_entry) in enumerate(zip(completions, tests, entry_points)):
+        for i, (completion, row_tests, row_entry) in enumerate(zip(completions, tests, entry_points, strict=True)):
             if not row_tests:
                 info[i] = {"skipped": "no tests"}
                 continue

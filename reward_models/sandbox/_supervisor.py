@@ -6,14 +6,17 @@ library only (it runs in isolated mode), and no ``json``: its import costs more 
 
 Steps (each layer is tried; one that fails is reported and the others still apply):
   1. die with the caller (PR_SET_PDEATHSIG);
-  2. new pid, network and mount namespaces (unshare(2); needs root);
+  2. new pid, network and mount namespaces (unshare(2)); as root directly, otherwise inside a new
+     user namespace when the kernel permits unprivileged ones;
   3. fork the program's process, which becomes pid 1 of the new pid namespace, so when it
      exits or is killed the kernel kills every process left in the namespace (daemons,
      setsid escapees, fork bombs) before this supervisor's wait returns;
-  4. in the child: private mounts; every existing mount remounted read-only; fresh tmpfs for
-     the work directory, /tmp, /var/tmp and /dev/shm; a fresh /proc showing only the sandbox;
-     the interpreter's directory made reachable for the unprivileged user; rlimits; a new
-     session; an unprivileged uid/gid with no supplementary groups and no_new_privs; then exec;
+  4. in the child: private mounts; every existing mount remounted read-only; home directories
+     covered by empty tmpfs; fresh tmpfs for the work directory, /tmp, /var/tmp and /dev/shm;
+     a fresh /proc showing only the sandbox; the interpreter's directory made reachable for the
+     unprivileged user; rlimits; a new session; an unprivileged uid/gid with no supplementary
+     groups (without root: a nested user namespace, so the program holds no capability over
+     the namespaces set up for it) and no_new_privs; then exec;
   5. in the supervisor: a wall-clock alarm that kills the program; SIGTERM from the caller
      (output limit) does the same; without a pid namespace, every process of the sandbox uid
      (or, without a uid, of the program's process group) is killed after the program ends, and,
@@ -35,6 +38,7 @@ import time
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -64,9 +68,12 @@ def _fail(what):
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def _bytes(text):
+    return None if text is None else text.encode()
+
+
 def mount(source, target, fstype, flags, data=None):
-    enc = (lambda s: None if s is None else s.encode())
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+    if libc.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
         _fail(f"mount {target}")
 
 
@@ -109,39 +116,48 @@ def hidden_ancestor(path):
     return None
 
 
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def setup_filesystem(cfg, layers):
-    """Read-only view of the host, private writable tmpfs work dir, fresh /proc."""
+    """Read-only view of the host with private directories hidden, a private tmpfs work dir, fresh /proc."""
     workdir, uid, gid = cfg["workdir"], cfg["uid"], cfg["gid"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
     files = {}
     for name in os.listdir(workdir):
         with open(os.path.join(workdir, name), "rb") as f:
             files[name] = f.read()
-    # Paths the unprivileged user must read (the interpreter) under a directory it cannot enter:
-    # keep a handle now, then put an empty tmpfs over that directory and bind the path back.
-    reach = []
-    for path in cfg["reach"]:
-        top = hidden_ancestor(path) if uid is not None else None
-        if top is not None:
-            reach.append((top, path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    # Directories to cover with an empty tmpfs: home directories (tokens, keys, caches), and any
+    # directory the sandbox user cannot enter that holds the interpreter. Paths the program needs
+    # (the interpreter) are kept through a handle opened now and bound back after the cover.
+    covers = {p for p in cfg["hide"] if os.path.isdir(p) and not os.path.islink(p)}
+    if uid is not None:
+        covers |= {top for top in map(hidden_ancestor, cfg["reach"]) if top}
+    covers = {c for c in covers if not any(o != c and _under(c, o) for o in covers) and c != "/"}
+    keep = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in cfg["reach"]
+            if any(_under(path, c) for c in covers)]
 
     failed = []
-    for point, keep in read_mounts():
+    for point, flags in read_mounts():
         try:
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
+            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
         except OSError as err:
             failed.append(f"{point} ({err.strerror})")
     layers["readonly_fs"] = True if not failed else f"not read-only: {', '.join(failed[:3])}"
 
-    for top in sorted({top for top, _, _ in reach}):
+    for top in sorted(covers):
         mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-    for _, path, fd in reach:
+    for path, fd in keep:
         os.makedirs(path, mode=0o755, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
-    for top in sorted({top for top, _, _ in reach}):
+    for top in sorted(covers):
+        if _under(workdir, top):
+            os.makedirs(workdir, exist_ok=True)
         mount(None, top, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    layers["hidden_homes"] = True
 
     small = "size=16m,mode=1777"
     for point in ("/tmp", "/var/tmp", "/dev/shm"):
@@ -158,7 +174,8 @@ def setup_filesystem(cfg, layers):
             os.chown(path, uid, gid)
     layers["private_workdir"] = True
     if layers.get("pid_namespace") is True:
-        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+        # rw: a nested user namespace writes its maps there; /proc/sys needs real root anyway
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def set_limits(limits):
@@ -199,6 +216,8 @@ def run_child(cfg, layers):
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
         layers["unprivileged_user"] = True
+    elif layers.get("user_namespace") is True:
+        shed_capabilities()
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     layers["no_new_privs"] = True
     write_report("setup", layers)
@@ -242,6 +261,28 @@ def kill_user(uid):
         time.sleep(0.05)
 
 
+def enter_user_namespace(flags, inside=0, outside=None):
+    """unshare(CLONE_NEWUSER | flags) and map uid/gid ``inside`` to our own; True or the reason it failed."""
+    uid = os.geteuid() if outside is None else outside
+    gid = os.getegid() if outside is None else outside
+    if libc.unshare(CLONE_NEWUSER | flags) != 0:
+        return f"unavailable: unprivileged user namespaces are not permitted ({os.strerror(ctypes.get_errno())})"
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{inside} {uid} 1"), ("gid_map", f"{inside} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    return True
+
+
+def shed_capabilities():
+    """Without root, the program would be root of our user namespace, able to undo the mounts. It is
+    moved into a nested user namespace as uid 1000 instead: no capability over anything we set up."""
+    state = enter_user_namespace(0, inside=1000, outside=0)
+    if state is not True:
+        raise OSError(state)
+    os.setresgid(1000, 1000, 1000)
+    os.setresuid(1000, 1000, 1000)
+
+
 def remove_user_files(uid):
     """Without a private /tmp, delete what the sandbox user left in the world-writable temp dirs."""
     import shutil
@@ -272,14 +313,16 @@ def main():
     if os.getppid() != cfg["parent_pid"]:  # the caller died before we set the signal
         return 1
     layers = {}
-    if os.geteuid() == 0 and cfg["namespaces"]:
-        for name, flag in (("pid_namespace", CLONE_NEWPID), ("net_namespace", CLONE_NEWNET),
-                           ("mount_namespace", CLONE_NEWNS)):
+    names = (("pid_namespace", CLONE_NEWPID), ("net_namespace", CLONE_NEWNET), ("mount_namespace", CLONE_NEWNS))
+    if not cfg["namespaces"]:
+        layers.update((name, "disabled") for name, _ in names)
+    elif os.geteuid() == 0:
+        for name, flag in names:
             layers[name] = True if libc.unshare(flag) == 0 else f"unavailable: {os.strerror(ctypes.get_errno())}"
     else:
-        reason = "disabled" if not cfg["namespaces"] else "unavailable: not running as root"
-        for name in ("pid_namespace", "net_namespace", "mount_namespace"):
-            layers[name] = reason
+        state = enter_user_namespace(CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS)
+        layers["user_namespace"] = state
+        layers.update((name, state) for name, _ in names)
     if cfg["uid"] is None:
         layers["unprivileged_user"] = "unavailable: not running as root"
 

@@ -100,6 +100,8 @@ class Sandbox:
         # The interpreter's installation (the parent of its bin/) must be readable by the sandbox user.
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
         self.reach = sorted({prefix, sys.prefix} if site_packages else {prefix})
+        # Covered by an empty tmpfs (with a mount namespace): where tokens, keys and caches live.
+        self.hide = sorted({"/root", "/home", os.path.expanduser("~")} - {"/", ""})
         self.is_root = os.geteuid() == 0
 
     def python_argv(self, script: str, *args: str) -> list[str]:
@@ -131,7 +133,8 @@ class Sandbox:
                 os.chown(workdir, uid, uid)
             config = {"workdir": workdir, "uid": uid, "gid": uid, "argv": list(argv),
                       "env": self.environment(workdir), "limits": limits.as_dict(),
-                      "namespaces": self.namespaces, "reach": self.reach, "parent_pid": os.getpid()}
+                      "namespaces": self.namespaces, "reach": self.reach, "hide": self.hide,
+                      "parent_pid": os.getpid()}
             return self._supervise(config, stdin, limits)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

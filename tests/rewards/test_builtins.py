@@ -41,7 +41,7 @@ def test_bleu_equals_sacrebleu_sentence_bleu():
     pairs = bleu_pairs(300)
     reward = load_reward("bleu")
     got = reward(["p"] * len(pairs), [h for h, _ in pairs], references=[r for _, r in pairs])
-    for (hyp, refs), value in zip(pairs, got):
+    for (hyp, refs), value in zip(pairs, got, strict=True):
         expected = sacrebleu.sentence_bleu(hyp, [refs] if isinstance(refs, str) else refs).score / 100
         assert value == pytest.approx(expected, abs=1e-9)
     assert len({round(v, 6) for v in got}) > 50  # a spread of values, not a constant
@@ -99,13 +99,13 @@ NEAR_MISSES = [
 def test_math_verify_accepts_equivalent_forms(math_reward):
     golds = [g for g, _ in EQUIVALENT]
     out = math_reward(["q"] * len(golds), [c for _, c in EQUIVALENT], answer=golds)
-    assert list(out) == [1.0] * len(EQUIVALENT), [(e, i) for e, s, i in zip(EQUIVALENT, out, out.info) if s != 1]
+    assert list(out) == [1.0] * len(EQUIVALENT), [(e, i) for e, s, i in zip(EQUIVALENT, out, out.info, strict=True) if s != 1]
 
 
 def test_math_verify_rejects_near_misses(math_reward):
     golds = [g for g, _ in NEAR_MISSES]
     out = math_reward(["q"] * len(golds), [c for _, c in NEAR_MISSES], answer=golds)
-    assert list(out) == [0.0] * len(NEAR_MISSES), [(e, i) for e, s, i in zip(NEAR_MISSES, out, out.info) if s]
+    assert list(out) == [0.0] * len(NEAR_MISSES), [(e, i) for e, s, i in zip(NEAR_MISSES, out, out.info, strict=True) if s]
 
 
 def test_math_verify_unparseable_gold_abstains(math_reward):

@@ -63,7 +63,7 @@ def test_columns_reach_rewards_and_labels_are_unique():
 
     def reward(prompts, completions, answer, completion_ids, **columns):
         seen.update(answer=answer, ids=completion_ids, extra=columns)
-        return [float(a == c) for a, c in zip(answer, completions)]
+        return [float(a == c) for a, c in zip(answer, completions, strict=True)]
 
     with RewardSet([reward, reward]) as rs:
         assert rs.labels == ["reward", "reward_2"]

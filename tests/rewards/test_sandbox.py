@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from reward_models import load_reward
 from reward_models.sandbox import Job, Limits, Sandbox, SandboxPool
+from tests.rewards.conftest import REPO as REPO_ROOT
 from tests.rewards.conftest import sandbox_processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and uid drop need root (CI runs as root)")
@@ -300,8 +302,8 @@ def test_hostile_solutions_score_zero_under_unit_test(no_leftovers):
                      tests=[["assert add(1, 2) == 3", "assert add(2, 2) == 5"]] * len(names))
     finally:
         reward.close()
-    verdicts = {name: info["verdict"] for name, info in zip(names, out.info)}
-    scores = dict(zip(names, out))
+    verdicts = {name: info["verdict"] for name, info in zip(names, out.info, strict=True)}
+    scores = dict(zip(names, out, strict=True))
     assert scores.pop("exit_zero") == 0.5  # ran both tests; passed the correct one only
     assert scores == dict.fromkeys(scores, 0.0), verdicts
     assert verdicts["infinite_loop"] == "timeout"
@@ -311,3 +313,69 @@ def test_hostile_solutions_score_zero_under_unit_test(no_leftovers):
     assert verdicts["exit_in_function"] == "exited_early"
     assert verdicts["kill_parent"] == "failed"
     host_is_healthy()
+
+
+NON_ROOT_SCRIPT = '''
+import json, logging, os, sys
+logging.basicConfig()
+from reward_models.sandbox import Limits, Sandbox
+sb = Sandbox(Limits(wall_seconds=5, cpu_seconds=5))
+result = sb.run({"main.py": sys.argv[1]}, sb.python_argv("main.py"))
+print(json.dumps({"status": result.status, "stdout": result.stdout, "layers": result.layers}))
+'''
+
+
+def test_without_root_user_namespaces_keep_the_isolation(tmp_path):
+    """A scorer that is not root: the namespaces come from a user namespace; the uid layer is reported missing."""
+    python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if world_readable(p)), None)
+    if python is None:
+        pytest.skip("no world-readable python3 to run an unprivileged scorer with")
+    marker = f"/tmp/posttrain-nonroot-{uuid.uuid4().hex}"
+    program = textwrap.dedent(f"""
+        import os, socket, time
+        print("uid", os.getuid())
+        try:
+            open({marker!r}, "w").write("x"); print("tmp write stays private")
+        except OSError:
+            pass
+        for path in ("/etc/posttrain-x", {str(REPO_ROOT / "posttrain-x")!r}):
+            try:
+                open(path, "w"); print("WROTE", path)
+            except OSError:
+                pass
+        try:
+            socket.create_connection(("127.0.0.1", 22), timeout=1); print("CONNECTED")
+        except OSError:
+            pass
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(100)
+            os._exit(0)
+        print("done")
+    """)
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+                             NON_ROOT_SCRIPT, program], capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(REPO_ROOT), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layers"]["unprivileged_user"] != True  # noqa: E712 - a reason string
+    assert "sandbox layer unprivileged_user is not in effect" in result.stderr  # said once, in the log
+    assert report["layers"]["user_namespace"] is True, report["layers"]
+    assert report["status"] == "exited" and "done" in report["stdout"]
+    assert "WROTE" not in report["stdout"] and "CONNECTED" not in report["stdout"]
+    assert not os.path.exists(marker)
+    assert not (REPO_ROOT / "posttrain-x").exists()
+    time.sleep(0.2)
+    new = {p for p in os.listdir("/proc") if p.isdigit()} - before
+    leftovers = []
+    for pid in new:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        if "\nUid:\t65534" in status and "State:\tZ" not in status:
+            leftovers.append(pid)
+    assert leftovers == []
