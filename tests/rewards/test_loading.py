@@ -185,3 +185,16 @@ def test_cli_entry_point_reward(plugin_path, tmp_path):
                        "suffix=!", str(data), "--output", str(out), env={"PYTHONPATH": str(plugin_path)})
     assert result.returncode == 0, result.stderr
     assert [r["reward"] for r in read_jsonl(out)] == [3.0, 0.0]
+
+
+def test_shipped_example_rewards(tmp_path):
+    from tests.rewards.conftest import REPO
+
+    out = tmp_path / "out.jsonl"
+    result = run_score("--reward", "./examples/rewards/my_rewards.py:keyword_bonus", "--weight", "0.5",
+                       "--reward", "./examples/rewards/my_rewards.py:answer_length", "--reward-arg", "target=12",
+                       "examples/rewards/sample.jsonl", "--output", str(out), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [r["reward"] for r in rows] == pytest.approx([0.5 + 11 / 12, 0.5, 0.0])
+    assert rows[2]["reward_info"]["scores"]["answer_length"] is None
