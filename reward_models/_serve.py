@@ -36,6 +36,7 @@ def main(read_fd: int, write_fd: int) -> None:
     outbox = Connection(write_fd, readable=False)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     sys.path[:] = inbox.recv()
+    outbox.send(("ready", None))
     while True:
         try:
             target, args, kwargs = inbox.recv()

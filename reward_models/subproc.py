@@ -17,6 +17,8 @@ from multiprocessing.connection import Connection
 
 from reward_models.calling import Outcome
 
+STARTUP_TIMEOUT = 120.0  # seconds for a new worker interpreter to be ready (slow, loaded machines)
+
 
 class WorkerProcess:
     """One worker interpreter. ``call`` is thread-safe (calls are serialised)."""
@@ -28,7 +30,7 @@ class WorkerProcess:
         self._send: Connection | None = None
         self._recv: Connection | None = None
 
-    def _start(self) -> None:
+    def _start(self, timeout: float) -> None:
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
         self._proc = subprocess.Popen(
@@ -40,7 +42,17 @@ class WorkerProcess:
         os.close(to_parent_w)
         self._send = Connection(to_child_w, readable=False)
         self._recv = Connection(to_parent_r, writable=False)
-        self._send.send(list(sys.path))
+        # Start-up (an interpreter, imports) does not count against a call's time limit.
+        try:
+            self._send.send(list(sys.path))
+            ready = self._recv.poll(timeout) and self._recv.recv() == ("ready", None)
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = self._proc.poll()
+            self._stop()
+            why = f"exited with status {code}" if code is not None else f"was not ready within {timeout:g} s"
+            raise RuntimeError(f"the {self.name} process {why}")
 
     def _stop(self) -> None:
         if self._proc is None:
@@ -52,12 +64,19 @@ class WorkerProcess:
         self._proc.wait()
         self._proc = self._send = self._recv = None
 
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def call(self, target: str, *args, timeout: float | None = None, **kwargs) -> Outcome:
         """Run ``target`` (``"module:function"``) in the worker; kill the worker after ``timeout`` s."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._stop()
-                self._start()
+                try:
+                    self._start(STARTUP_TIMEOUT)
+                except RuntimeError as err:
+                    return Outcome("error", message=str(err))
             try:
                 self._send.send((target, args, kwargs))
             except (BrokenPipeError, OSError):

@@ -82,8 +82,9 @@ class Sandbox:
 
     ``python``: the interpreter for Python programs (default: this one); ``site_packages``:
     let programs import the packages installed for it (off: standard library only, faster);
-    ``namespaces``: use pid/net/mount namespaces when running as root; ``base_dir``: where
-    work directories are created (default: the system temp dir).
+    ``namespaces``: use pid/net/mount namespaces (as root, or inside a user namespace otherwise);
+    ``base_dir``: where work directories are created (default: the system temp dir).
+    Concurrent runs should go through a ``SandboxPool``, which gives each its own slot.
     """
 
     def __init__(self, limits: Limits | None = None, *, python: str | None = None, site_packages: bool = False,
@@ -101,7 +102,7 @@ class Sandbox:
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
         self.reach = sorted({prefix, sys.prefix} if site_packages else {prefix})
         # Covered by an empty tmpfs (with a mount namespace): where tokens, keys and caches live.
-        self.hide = sorted({"/root", "/home", os.path.expanduser("~")} - {"/", ""})
+        self.hide = sorted({"/root", "/home", os.path.expanduser("~")} - {"/", "", "/tmp", tempfile.gettempdir()})
         self.is_root = os.geteuid() == 0
 
     def python_argv(self, script: str, *args: str) -> list[str]:
