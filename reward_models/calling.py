@@ -47,7 +47,10 @@ def describe_exception(err: BaseException) -> str:
     """``Type: message`` plus the innermost frame, short enough for a log line."""
     frames = traceback.extract_tb(err.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(err).__name__}: {err}{where}"
+    text = " ".join(str(err).split())  # one line: it ends up in logs, JSON and one-paragraph errors
+    if len(text) > 500:
+        text = text[:500] + "..."
+    return f"{type(err).__name__}: {text}{where}"
 
 
 def _run_sync(fn, args: tuple, kwargs: dict):

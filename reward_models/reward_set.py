@@ -105,7 +105,7 @@ class RewardFailure(UserError):
     """A reward failed on a row and the policy is ``fail``."""
 
     def __init__(self, issue: RewardIssue, others: int) -> None:
-        self.issue = issue
+        self.issue, self.others = issue, others
         more = f" ({others} more issue(s) in this batch.)" if others else ""
         super().__init__(f"{issue}.{more}",
                          hint="Fix the reward or the data, or set on_error to 'zero' (--on-error zero) to score "

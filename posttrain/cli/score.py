@@ -109,15 +109,15 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {number}: not valid JSON ({err.msg} at column {err.colno}).") from None
+                raise DataError(f"{path}, row {number}: not valid JSON ({err.msg} at column {err.colno}).") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}.")
+                raise DataError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}.")
             yield number, row
 
 
 def check_row(path: Path, number: int, row: dict, columns: dict) -> None:
     """Raise a ``DataError`` naming the file, row and field when ``row`` cannot be scored."""
-    where = f"{path}: row {number}"
+    where = f"{path}, row {number}"
     if "completion" not in row:
         raise DataError(f"{where}: missing field 'completion' (the text to score: a string or a list of messages).")
     if not isinstance(row["completion"], str) and not _is_messages(row["completion"]):
@@ -188,7 +188,9 @@ def run_score(args: argparse.Namespace) -> int:
                         result = rewards.score([r.get("prompt", "") for r in data], [r["completion"] for r in data],
                                                row_ids=[n for n, _ in batch], **batch_columns(data))
                     except RewardFailure as err:
-                        raise UserError(f"{src}: {err.message}", hint=err.hint) from None
+                        issue, more = err.issue, f" ({err.others} more in this batch.)" if err.others else ""
+                        raise UserError(f"{src}, row {issue.row}: reward {issue.reward!r} failed ({issue.kind}): "
+                                        f"{issue.message}.{more}", hint=err.hint) from None
                     for j, row in enumerate(data):
                         total = _json_number(result.totals[j])
                         if total is not None:

@@ -66,7 +66,8 @@ def test_failing_reward_policy_fail_names_file_row_and_reward(workdir):
     out.write_text("previous results\n")
     result = run_score("--reward", "./rewards.py:picky", str(data), "-o", str(out), cwd=workdir)
     assert result.returncode == 2
-    assert f"{data}: reward 'picky' on row 3" in result.stderr.replace("\n  ", " ").replace("\n", " ")
+    text = result.stderr.replace("\n  ", " ").replace("\n", " ")
+    assert f"{data}, row 3: reward 'picky' failed (error): RuntimeError: picky cannot read 'crash'" in text
     assert "Traceback" not in result.stderr
     assert out.read_text() == "previous results\n"  # untouched: the output is replaced only on success
     assert [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")] == []
@@ -101,7 +102,7 @@ def test_malformed_rows_name_file_row_and_field(tmp_path, line, message):
     result = run_score("--reward", "bleu", str(data), "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 2
     text = result.stderr.replace("\n  ", " ").replace("\n", " ")
-    assert f"{data}: {message}" in text, result.stderr
+    assert f"{data}, {message}" in text, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
 
