@@ -9,6 +9,8 @@ import textwrap
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posttrain.errors import UserError
 from reward_models import RewardFailure, RewardOutput, RewardSet, RewardSpec, combine, normalize_column
@@ -219,3 +221,26 @@ def test_workers_setting_reaches_rewards_that_accept_it():
     with RewardSet([RewardSpec("unit_test"), RewardSpec("bleu")], workers=3) as rs:
         assert rs.rewards["unit_test"].args["workers"] == 3
         assert "workers" not in rs.rewards["bleu"].args
+
+
+scores = st.one_of(st.none(), st.floats(-1e3, 1e3, allow_nan=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(scores, scores), min_size=1, max_size=12),
+       st.tuples(st.floats(0.1, 5), st.floats(0.1, 5)))
+def test_combination_rules_properties(rows, weights):
+    a, b = [r[0] for r in rows], [r[1] for r in rows]
+    totals = {rule: combine([a, b], list(weights), rule) for rule in ("sum", "mean", "normalize")}
+    for i, (x, y) in enumerate(rows):
+        present = [(w, v) for w, v in zip(weights, (x, y), strict=True) if v is not None]
+        if not present:
+            assert all(totals[rule][i] is None for rule in totals)
+            continue
+        assert totals["sum"][i] == pytest.approx(sum(w * v for w, v in present))
+        low, high = min(v for _, v in present), max(v for _, v in present)
+        assert low - 1e-9 <= totals["mean"][i] <= high + 1e-9  # a weighted mean of what is there
+    for column in (a, b):
+        z = [v for v in normalize_column(column) if v is not None]
+        if z:
+            assert sum(z) == pytest.approx(0.0, abs=1e-6 * len(z))
