@@ -18,8 +18,7 @@ from posttrain.data.loading import Row
 from posttrain.data.pipeline import load_examples
 from posttrain.data.tokenize import IGNORE, LengthReport
 from posttrain.errors import DataError
-
-DEFAULT_SEPARATOR = "\n\n"
+from reward_models.prm import build_prm_inputs
 
 
 @dataclass
@@ -27,17 +26,6 @@ class ProcessExample:
     input_ids: list[int]
     step_positions: list[int]  # index in input_ids where each step's score is read
     labels: list[float]  # one per step: 0/1 (hard) or a Monte-Carlo value in [0, 1] (soft)
-
-
-def build_prm_inputs(tokenizer, prompt: str, steps: list[str], separator: str = DEFAULT_SEPARATOR) -> tuple[list[int], list[int]]:
-    """Token ids for a prompt and its steps, and the position of each step's score token."""
-    ids = tokenizer(prompt + separator, add_special_tokens=False)["input_ids"]
-    positions = []
-    for step in steps:
-        piece = tokenizer(step + separator, add_special_tokens=False)["input_ids"]
-        ids = ids + piece
-        positions.append(len(ids) - 1)
-    return ids, positions
 
 
 def process_example(tokenizer, row: Row, separator: str) -> ProcessExample:
