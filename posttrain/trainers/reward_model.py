@@ -31,7 +31,7 @@ import torch
 from posttrain import algorithms
 from posttrain.config.schema import check_batch_sizes, doc
 from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
-from posttrain.data.process import DEFAULT_SEPARATOR, ProcessExample, collate_process, load_process
+from posttrain.data.process import ProcessExample, collate_process, load_process
 from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import IGNORE
 from posttrain.distributed import DistInfo, all_reduce_sum
@@ -51,6 +51,7 @@ from posttrain.trainers.common import (
 )
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
 from posttrain.trainers.reference import eval_mode
+from reward_models.prm import DEFAULT_SEPARATOR
 
 log = logging.getLogger("posttrain")
 
