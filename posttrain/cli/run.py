@@ -9,6 +9,9 @@ import sys
 
 from posttrain.errors import UserError
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -48,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.recipe}: recipe and data are valid for {world_size} process(es).")
         return 0
+    # `posttrain run` is the launcher: rendezvous variables inherited from a parent process or a stale
+    # shell (RANK, MASTER_PORT, ...) would point this run at someone else's process group.
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
     if world_size == 1:
         from posttrain.run import run_recipe
 

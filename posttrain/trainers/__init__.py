@@ -18,6 +18,7 @@ TRAINERS = {
     "dpo": "posttrain.trainers.dpo",
     "rm": "posttrain.trainers.reward_model",
     "prm": "posttrain.trainers.reward_model",
+    "grpo": "posttrain.trainers.grpo",
 }
 
 
