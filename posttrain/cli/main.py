@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import textwrap
 
 from posttrain import __version__
 from posttrain.errors import UserError
@@ -57,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_user_error(err: UserError) -> None:
+    """One paragraph on one line (the terminal wraps it; grep still finds it)."""
     text = err.message if err.hint is None else f"{err.message} {err.hint}"
-    paragraphs = [textwrap.fill(p, width=100) for p in text.split("\n") if p.strip()]
-    print("error: " + "\n  ".join(paragraphs), file=sys.stderr)
+    print("error: " + " ".join(text.split()), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
