@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc and --nnodes must be at least 1, got {args.nproc} and {args.nnodes}.")
     cfg = load_recipe(args.recipe, args.overrides)
     world_size = args.nproc * args.nnodes
-    trainer_module(cfg.trainer).preflight(cfg, world_size, args.recipe)
+    details = trainer_module(cfg.trainer).preflight(cfg, world_size, args.recipe)
     if args.check:
-        print(f"{args.recipe}: recipe and data are valid for {world_size} process(es).")
+        print(f"{args.recipe}: recipe and data are valid for {world_size} process(es)."
+              + (f" {details}." if details else ""))
         return 0
     # `posttrain run` is the launcher: rendezvous variables inherited from a parent process or a stale
     # shell (RANK, MASTER_PORT, ...) would point this run at someone else's process group.

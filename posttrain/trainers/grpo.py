@@ -114,16 +114,18 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
             "optimizer_steps": train.max_steps * g.epochs * mini_batches}
 
 
-def preflight(cfg: Config, world_size: int, source: str) -> None:
+def preflight(cfg: Config, world_size: int, source: str) -> str:
     check_model_path(cfg.model.path)
-    batch_plan(cfg, world_size, source)
+    plan = batch_plan(cfg, world_size, source)
     check_output_dir(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-    train, _, _, _ = load_prompts(cfg.data, cfg.seed, tokenizer, cfg.grpo.max_prompt_length)
+    train, evaluation, report, skipped = load_prompts(cfg.data, cfg.seed, tokenizer, cfg.grpo.max_prompt_length)
     if len(train) < cfg.grpo.prompts_per_step:
         raise DataError(f"{cfg.data.path}: {len(train)} prompts are fewer than grpo.prompts_per_step "
                         f"({cfg.grpo.prompts_per_step}).")
     build_rewards(cfg).close()  # resolves every reward name, path and argument
+    return (f"{len(train)} train / {len(evaluation)} eval prompts ({report.summary()}; invalid rows skipped: "
+            f"{skipped or 'none'}); {plan['optimizer_steps']} optimizer steps")
 
 
 def build_rewards(cfg: Config):

@@ -1,0 +1,91 @@
+"""GRPO end to end on the real vLLM CPU engine and DeepSpeed learner, and its failure policies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import REPO, read_metrics, run_cli, write_jsonl
+
+RECIPE = str(REPO / "recipes" / "grpo.yaml")
+
+BAD_REWARDS = '''
+import math, time
+
+def raises(prompts, completions, **kw):
+    raise RuntimeError("boom")
+
+def nan(prompts, completions, **kw):
+    return [math.nan for _ in completions]
+
+def hangs(prompts, completions, **kw):
+    time.sleep(60)
+    return [0.0 for _ in completions]
+
+def short(prompts, completions, **kw):
+    return [1.0 if len(c) < 20 else 0.0 for c in completions]
+'''
+
+
+def grpo_args(tiny_model, data, out, *extra):
+    return [f"model.path={tiny_model}", f"data.path={data['train']}", f"data.eval_path={data['test']}",
+            f"output_dir={out}", "train.max_steps=2", "grpo.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=12",
+            "train.global_batch_size=8", "train.micro_batch_size=8", "grpo.eval_prompts=8", "train.eval_every=0",
+            "logging.progress=false", "logging.tensorboard=false", *extra]
+
+
+def test_grpo_runs_with_vllm_and_syncs(tiny_model, arithmetic_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, "checkpoint.every_n_steps=1",
+                                                "grpo.kl_coef=0.05", "grpo.epochs=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert record["completion_tokens"] > 0 and 0 <= record["reward/mean"] <= 1
+        assert record["sync/seconds"] > 0 and 0 < record["time/sync_share"] < 1
+        assert record["drift/abs_diff_max"] < 1e-3  # sampler and learner agree on the same weights
+        assert record["kl"] >= 0 and record["time/samples_per_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["eval_end"]) >= {"accuracy", "reward", "completion_tokens"}
+    assert (out / "checkpoints" / "last" / "model" / "model.safetensors").is_file()
+
+
+def test_grpo_batch_rule_names_the_numbers(tiny_model, arithmetic_data, tmp_path):
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "r", "train.global_batch_size=6"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "prompts_per_step x rollout.n = 16" in result.stderr and "global_batch_size (6)" in result.stderr
+
+
+@pytest.mark.parametrize("reward", ["raises", "nan", "hangs"])
+def test_failing_reward_stops_with_its_name(reward, tiny_model, arithmetic_data, tmp_path):
+    (tmp_path / "bad.py").write_text(BAD_REWARDS)
+    spec = f"grpo.rewards=[{{name: '{tmp_path}/bad.py:{reward}'}}]"
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "r", spec,
+                                               "grpo.reward_timeout=3"))
+    assert result.returncode != 0
+    assert reward in result.stderr and "row" in result.stderr
+
+
+def test_failing_reward_scores_zero_when_asked(tiny_model, arithmetic_data, tmp_path):
+    (tmp_path / "bad.py").write_text(BAD_REWARDS)
+    spec = f"grpo.rewards=[{{name: '{tmp_path}/bad.py:raises'}}, {{name: '{tmp_path}/bad.py:short'}}]"
+    out = tmp_path / "r"
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, spec, "grpo.reward_on_error=zero"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert all(r["reward/issues"] == 16 for r in steps)  # every row of the raising reward, counted
+    assert "reward/short" in steps[0]
+
+
+def test_overlong_prompts_are_dropped_and_counted_or_stop(tiny_model, arithmetic_data, tmp_path):
+    rows = [json.loads(line) for line in arithmetic_data["train"].read_text().splitlines()][:40]
+    rows[3]["prompt"] = [{"role": "user", "content": "What is " + " + ".join(["1"] * 200) + "?"}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    args = grpo_args(tiny_model, {"train": data, "test": arithmetic_data["test"]}, tmp_path / "r", "grpo.max_prompt_length=64")
+    stop = run_cli("run", RECIPE, *args, "data.overlong=error", "--check")
+    assert stop.returncode == 2 and "train.jsonl, row 4" in stop.stderr and "max_prompt_length=64" in stop.stderr
+    check = run_cli("run", RECIPE, *args, "data.overlong=drop", "--check")
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "1 dropped as too long" in check.stdout
