@@ -89,3 +89,22 @@ def test_overlong_prompts_are_dropped_and_counted_or_stop(tiny_model, arithmetic
     check = run_cli("run", RECIPE, *args, "data.overlong=drop", "--check")
     assert check.returncode == 0, check.stderr[-2000:]
     assert "1 dropped as too long" in check.stdout
+
+
+def test_entry_point_and_file_rewards_work_from_a_recipe(tiny_model, arithmetic_data, tmp_path):
+    """A reward registered by an installed package's `posttrain.rewards` entry point, named in a recipe."""
+    from tests.rewards.test_loading import make_dist
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_dist(site, "exact_plugin", "exact_plugin", "def exact(prompts, completions, answer, **kw):\n"
+              "    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]\n",
+              {"exact_answer": "exact_plugin:exact"})
+    (tmp_path / "mine.py").write_text("def brevity(prompts, completions, **kw):\n    return [-len(c) / 100 for c in completions]\n")
+    spec = f"grpo.rewards=[{{name: exact_answer}}, {{name: '{tmp_path}/mine.py:brevity', weight: 0.5}}]"
+    out = tmp_path / "r"
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, spec, "train.max_steps=1"),
+                     env={"PYTHONPATH": f"{REPO}:{site}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = [r for r in read_metrics(out) if "reward/mean" in r][0]
+    assert "reward/exact_answer" in step and "reward/brevity" in step and step["reward/brevity"] < 0
