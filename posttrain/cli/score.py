@@ -28,7 +28,7 @@ RESERVED = ("prompts", "completions")
 _ARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 
 
-class _RewardAction(argparse.Action):
+class RewardAction(argparse.Action):
     """``--reward NAME`` starts a reward entry; ``--reward-arg`` / ``--weight`` fill in the last one."""
 
     def __call__(self, parser, namespace, value, option_string=None):
@@ -63,19 +63,14 @@ def parse_reward_arg(text: str, parser: argparse.ArgumentParser | None = None) -
         return key, raw
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "score", help="score a JSONL file with reward functions",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", metavar="INPUT.jsonl", help="rows with 'completion', optional 'prompt', "
-                        "and the columns the rewards read")
-    parser.add_argument("--output", "-o", required=True, metavar="OUT.jsonl", help="where to write scored rows")
-    parser.add_argument("--reward", action=_RewardAction, metavar="NAME", required=True,
+def add_reward_options(parser: argparse.ArgumentParser) -> None:
+    """--reward/--reward-arg/--weight and the combination and failure settings (score and eval share them)."""
+    parser.add_argument("--reward", action=RewardAction, metavar="NAME", required=True,
                         help="a built-in name, an entry point, 'pkg.module:function' or './file.py:function'; "
                              "repeat for several rewards")
-    parser.add_argument("--reward-arg", action=_RewardAction, metavar="KEY=VALUE",
+    parser.add_argument("--reward-arg", action=RewardAction, metavar="KEY=VALUE",
                         help="an argument of the preceding --reward (VALUE is JSON if it parses, else a string)")
-    parser.add_argument("--weight", action=_RewardAction, metavar="W", help="weight of the preceding --reward "
+    parser.add_argument("--weight", action=RewardAction, metavar="W", help="weight of the preceding --reward "
                         "(default 1)")
     parser.add_argument("--combine", choices=("sum", "mean", "normalize"), default="sum",
                         help="how weighted rewards combine (see docs/rewards.md; default: sum)")
@@ -84,6 +79,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per reward call on a batch")
     parser.add_argument("--workers", type=int, default=2, help="parallel workers for rewards that use them "
                         "(sandbox, math_verify); default 2")
+
+
+def reward_set_from_args(args: argparse.Namespace):
+    from reward_models import RewardSet, RewardSpec
+
+    specs = [RewardSpec.from_dict(entry, f"--reward {entry['name']}") for entry in args.rewards]
+    return RewardSet(specs, rule=args.combine, on_error=args.on_error, timeout=args.timeout, workers=args.workers)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "score", help="score a JSONL file with reward functions",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", metavar="INPUT.jsonl", help="rows with 'completion', optional 'prompt', "
+                        "and the columns the rewards read")
+    parser.add_argument("--output", "-o", required=True, metavar="OUT.jsonl", help="where to write scored rows")
+    add_reward_options(parser)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per reward call (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_score, rewards=None)
@@ -159,17 +171,15 @@ def _json_number(value: float | None) -> float | None:
 def run_score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from reward_models import RewardFailure, RewardSet, RewardSpec
+    from reward_models import RewardFailure
 
     if args.batch_size < 1 or args.workers < 1:
         raise UserError("--batch-size and --workers must be at least 1.")
     src, dst = Path(args.input), Path(args.output)
     if not dst.parent.is_dir():
         raise UserError(f"the output directory {str(dst.parent)!r} does not exist.")
-    specs = [RewardSpec.from_dict(entry, f"--reward {entry['name']}") for entry in args.rewards]
     start = time.monotonic()
-    with RewardSet(specs, rule=args.combine, on_error=args.on_error, timeout=args.timeout,
-                   workers=args.workers) as rewards:
+    with reward_set_from_args(args) as rewards:
         columns = rewards.columns()
         rows = []
         for number, row in read_rows(src):
