@@ -25,8 +25,13 @@ def run_recipe(recipe_path: str, overrides: list[str]) -> dict:
     dist = init_distributed()
     setup_logging(dist.is_main)
     recipe = trainer_module(cfg.trainer).Recipe(cfg, dist, source=recipe_path)
-    recipe.setup()
-    return recipe.train()
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        cleanup = getattr(recipe, "cleanup", None)
+        if cleanup is not None:
+            cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

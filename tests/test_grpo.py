@@ -25,6 +25,9 @@ def hangs(prompts, completions, **kw):
 
 def short(prompts, completions, **kw):
     return [1.0 if len(c) < 20 else 0.0 for c in completions]
+
+def varied(prompts, completions, **kw):
+    return [(len(c) % 5) / 4 for c in completions]
 '''
 
 
@@ -108,3 +111,23 @@ def test_entry_point_and_file_rewards_work_from_a_recipe(tiny_model, arithmetic_
     assert result.returncode == 0, result.stderr[-3000:]
     step = [r for r in read_metrics(out) if "reward/mean" in r][0]
     assert "reward/exact_answer" in step and "reward/brevity" in step and step["reward/brevity"] < 0
+
+
+def test_two_processes_zero3_match_one_process(tiny_model, arithmetic_data, tmp_path):
+    """Colocated placement: each rank samples its share with prompt-derived seeds and holds a ZeRO-3 shard.
+
+    One optimizer step per rollout: with several mini-batches their composition depends on the rank split.
+    """
+    (tmp_path / "r.py").write_text(BAD_REWARDS)
+    common = grpo_args(tiny_model, arithmetic_data, tmp_path / "x", f"grpo.rewards=[{{name: '{tmp_path}/r.py:varied'}}]",
+                       "train.micro_batch_size=4", "train.global_batch_size=16", "learner.lr=1e-3")
+    one = run_cli("run", RECIPE, *common, f"output_dir={tmp_path / 'one'}")
+    two = run_cli("run", RECIPE, "--nproc", "2", "learner.zero_stage=3", *common, f"output_dir={tmp_path / 'two'}")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    a = [r for r in read_metrics(tmp_path / "one") if "reward/mean" in r]
+    b = [r for r in read_metrics(tmp_path / "two") if "reward/mean" in r]
+    assert len(a) == len(b) == 2
+    assert a[0]["reward/std"] > 0  # the reward separates samples, so the update is not trivially zero
+    for x, y in zip(a, b):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)

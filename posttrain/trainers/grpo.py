@@ -221,11 +221,17 @@ class Recipe:
         start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
         if self.dist.is_main and end:
             log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
-        self.rewards.close()
         return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
                            "train_seconds": round(time.perf_counter() - started, 2)},
                           [["reward/mean", "eval/reward"], ["kl"], ["entropy"], ["time/samples_per_s"],
                            ["drift/abs_diff_max"], ["completion_tokens"]])
+
+    def cleanup(self) -> None:
+        """Stop the reward workers and the engine while the process group still exists (vLLM's own
+        exit hook would otherwise tear down its groups after ours are gone)."""
+        for part in ("rewards", "engine"):
+            if getattr(self, part, None) is not None:
+                getattr(self, part).close()
 
     def save(self, step: int) -> None:
         state = {"total_steps": self.total_steps}
@@ -245,8 +251,12 @@ class Recipe:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         rows = self.my_prompts(step)
-        # The seed depends only on (run seed, step, rank): a resumed run samples what the original would have.
-        batch = self.engine.generate([r.prompt for r in rows], n=n, seed=cfg.seed * 1_000_003 + step * 1009 + dist.rank)
+        # The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
+        # makes every prompt's seed depend only on (run seed, step, global position): 1 or N processes, and a
+        # resumed run, sample the same completions.
+        first = dist.rank * (g.prompts_per_step // dist.world_size)
+        seed = cfg.seed * 1_000_003 + step * 100_003 + first * n
+        batch = self.engine.generate([r.prompt for r in rows], n=n, seed=seed)
         self.engine.sleep()
         timings["generate"] = time.perf_counter() - t0
 
