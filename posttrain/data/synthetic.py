@@ -100,11 +100,14 @@ def kto_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
 
 def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     """PRM rows: a sum worked out in steps; half the rows have one step off by 5 to 15, and every step
-    from the first error on is labelled false (the solution can no longer be right)."""
+    from the first error on is labelled false (the solution can no longer be right).
+
+    Terms go up to max_operand / 2, so every running total stays within the sums the arithmetic task
+    teaches (up to 2 x max_operand): the PRM starts from a model that can check such a step."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        terms = [rng.randint(0, max_operand) for _ in range(rng.randint(3, 4))]
+        terms = [rng.randint(0, max_operand // 2) for _ in range(rng.randint(3, 4))]
         steps, labels, total, broken = [], [], terms[0], False
         error_at = rng.randint(1, len(terms) - 1) if rng.random() < 0.5 else None
         for i, term in enumerate(terms[1:], start=1):

@@ -51,7 +51,13 @@ from posttrain.trainers.common import (
     seed_everything,
 )
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
-from posttrain.trainers.reference import FrozenReference, cache_key, eval_mode, load_or_compute, weights_identity
+from posttrain.trainers.reference import (
+    FrozenReference,
+    cache_key,
+    eval_mode,
+    load_or_compute,
+    weights_identity,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -140,12 +146,23 @@ def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.
         chosen_lengths=logps["chosen_len"], rejected_lengths=logps["rejected_len"], **settings.loss_args)
 
 
+def build_policy(cfg: RecipeConfig, dist: DistInfo, grad_accum: int, total_steps: int):
+    """The trained causal LM (LoRA-wrapped if configured) under the DeepSpeed learner."""
+    model = load_causal_lm(cfg.model)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    return build_learner(model, cfg.learner, world_size=dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
+                         grad_accum=grad_accum, total_steps=total_steps)
+
+
 def build_reference(cfg: RecipeConfig, learner, reference_path: str | None) -> FrozenReference:
     """The frozen reference: the policy with its LoRA adapter disabled (no second copy), else a copy of
     ``reference_path`` or of the policy's initial weights (partitioned like the policy under ZeRO-3)."""
     if cfg.model.lora.enabled and not reference_path:
+        log.info("reference: the policy with its LoRA adapter disabled (no second copy)")
         return FrozenReference(None, policy=learner)
     path = reference_path or cfg.model.path
+    log.info("reference: a frozen copy of %s", path)
     model = load_causal_lm(type(cfg.model)(path=path, dtype=cfg.model.dtype,
                                            trust_remote_code=cfg.model.trust_remote_code))
     return FrozenReference(model, zero_stage=cfg.learner.zero_stage)
@@ -174,7 +191,7 @@ class Recipe:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         log.info("data: %d train / %d eval pairs; %s; invalid rows skipped: %s; %d steps",
                  len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
-        self.learner = self._setup_learner()
+        self.learner = build_policy(cfg, self.dist, self.grad_accum, self.total_steps)
         self.reference = build_reference(cfg, self.learner, cfg.dpo.reference_path) if self.needs_reference else None
         self.run = RunHarness(cfg, self.dist, run_identity(cfg, losses=cfg.dpo.loss_type))
         self.run.history["skipped_rows"] = skipped
@@ -183,15 +200,6 @@ class Recipe:
         self.cached_reference: dict[str, torch.Tensor] | None = None
         if self.needs_reference and cfg.dpo.precompute_reference:
             self.cached_reference = self._precompute_reference()
-
-    def _setup_learner(self):
-        cfg = self.cfg
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
-        return build_learner(model, cfg.learner, world_size=self.dist.world_size,
-                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
-                             total_steps=self.total_steps)
 
     def _precompute_reference(self) -> dict[str, torch.Tensor]:
         """Reference log-prob sums for every train and eval pair, in dataset order."""

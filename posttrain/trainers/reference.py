@@ -70,10 +70,12 @@ def cache_key(*parts) -> str:
 
 def load_or_compute(cache_dir: Path, key: str, compute, *, is_main: bool) -> torch.Tensor:
     """Reference log-probs from ``cache_dir/reference-<key>.pt``, or ``compute()`` and store them (collective)."""
-    from posttrain.distributed import barrier
+    from posttrain.distributed import barrier, broadcast_object
 
     path = cache_dir / f"reference-{key}.pt"
-    if path.is_file():
+    # Rank 0 decides for all: a rank that looked after rank 0 had written the file would skip the
+    # (possibly collective) computation the others are in.
+    if broadcast_object(path.is_file()):
         log.info("reference log-probs: loaded from %s", path)
         return torch.load(path)
     values = compute()
