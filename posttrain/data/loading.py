@@ -174,4 +174,4 @@ def filter_valid(rows: list[Row], check, policy: str) -> tuple[list[Row], dict[s
 
 def skip_reason(err: DataError) -> str:
     """The error message without its row prefix or details, to count skips by."""
-    return err.message.split(": ", 1)[-1].split(" (")[0]
+    return err.message.split(": ", 1)[-1].split(" (")[0].rstrip(".")
