@@ -69,10 +69,12 @@ def merge_results(section: str, values: dict, path: Path = RESULTS) -> Path:
     return path
 
 
-def run_worker(command: str, *args: str) -> dict:
+def run_worker(command: str, *args: str, threads: int | None = None) -> dict:
     """Run ``bench.py COMMAND --worker ...`` in a fresh interpreter; its last stdout line is JSON."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, "--worker", *args],
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, *args],
                           capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"worker {command} {args} failed:\n{done.stderr[-4000:]}")
@@ -174,7 +176,7 @@ def bench_dpo(args: argparse.Namespace) -> dict:
         samples: dict[str, list[dict]] = {"ours": [], "trl": []}
         for repeat in range(args.repeats):
             for side in ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours"):
-                samples[side].append(run_worker("dpo", *common, "--worker", side))
+                samples[side].append(run_worker("dpo", *common, "--worker", side, threads=args.threads))
                 print(f"  repeat {repeat + 1}/{args.repeats} {side:>4}: "
                       f"{samples[side][-1]['tokens_per_s']:8.0f} tokens/s", flush=True)
     ours = statistics.median(s["tokens_per_s"] for s in samples["ours"])
@@ -188,7 +190,8 @@ def bench_dpo(args: argparse.Namespace) -> dict:
                      "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data),
                      "pairs_per_step": args.batch, "timed_steps": args.steps, "warmup_steps": 1,
                      "precision": "fp32", "reference": "live model (both)", "loss": "sigmoid",
-                     "max_length": args.max_length, "repeats": args.repeats, "trl": trl_package.__version__},
+                     "max_length": args.max_length, "repeats": args.repeats, "threads": args.threads,
+                     "trl": trl_package.__version__},
         "samples": {side: [round(s["tokens_per_s"], 1) for s in values] for side, values in samples.items()},
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--max-length", type=int, default=128)
     dpo.add_argument("--data", default=str(REPO / "examples" / "data" / "preference" / "train.jsonl"))
     dpo.add_argument("--seed", type=int, default=0)
+    dpo.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on each side (OMP_NUM_THREADS)")
     dpo.add_argument("--model", help=argparse.SUPPRESS)
     dpo.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for p in (dpo,):
