@@ -25,3 +25,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file or row that does not match the expected format."""
+
+
+class InvalidRow(DataError):
+    """A well-formed row that cannot be trained on as it is (e.g. its prompt alone fills data.max_length):
+    an error by default, a counted skip under ``data.invalid_rows: skip``."""

@@ -11,10 +11,12 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "make-data",
         help="write a synthetic task (train.jsonl, test.jsonl) for quickstarts and tests",
-        description="Write train.jsonl and test.jsonl for a synthetic task. Rows have `messages` (SFT), "
-        "`prompt` (RL) and `answer` (verifiable reward) columns.",
+        description="Write train.jsonl and test.jsonl (no question in both) for a synthetic task: "
+        "arithmetic (`messages` for SFT, `prompt` for RL, `answer` for a verifiable reward), preference "
+        "(`prompt`, `chosen`, `rejected`: DPO, reward models), kto (`prompt`, `completion`, `label`) or "
+        "process (`prompt`, `completions`, `labels`: process reward models).",
     )
-    parser.add_argument("task", help="task name: arithmetic")
+    parser.add_argument("task", help="task name: arithmetic, preference, kto or process")
     parser.add_argument("out_dir", help="directory to write to")
     parser.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
     parser.add_argument("--test", type=int, default=200, help="held-out rows (default 200)")

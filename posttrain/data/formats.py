@@ -95,10 +95,14 @@ def check_preference(row: Row) -> None:
 
 
 def check_unpaired(row: Row) -> None:
-    check_text_or_messages(row, "prompt")
-    check_text_or_messages(row, "completion")
-    if not isinstance(row.data.get("label"), bool):
-        raise DataError(f"{row.where}: field 'label' must be true or false.")
+    """Unpaired preference row (KTO): prompt, completion (both strings or both message lists), bool label."""
+    if "label" not in row.data:
+        raise DataError(f"{row.where}: missing field 'label' (an unpaired row needs prompt, completion, label).")
+    values = [check_text_or_messages(row, f) for f in ("prompt", "completion")]
+    if isinstance(values[0], list) != isinstance(values[1], list):
+        raise DataError(f"{row.where}: 'prompt' and 'completion' must both be strings or both message lists.")
+    if not isinstance(row.data["label"], bool):
+        raise DataError(f"{row.where}: field 'label' must be true or false, got {row.data['label']!r}.")
 
 
 def check_prompt_only(row: Row) -> None:

@@ -165,8 +165,13 @@ def filter_valid(rows: list[Row], check, policy: str) -> tuple[list[Row], dict[s
         except DataError as err:
             if policy == "error":
                 raise
-            reason = err.message.split(": ", 1)[-1].split(" (")[0]
+            reason = skip_reason(err)
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         valid.append(row)
     return valid, skipped
+
+
+def skip_reason(err: DataError) -> str:
+    """The error message without its row prefix or details, to count skips by."""
+    return err.message.split(": ", 1)[-1].split(" (")[0].rstrip(".")

@@ -1,4 +1,5 @@
-"""Paired preference examples (prompt, chosen, rejected): tokenisation, length limits, batching.
+"""Preference examples -- paired (prompt, chosen, rejected) and unpaired (prompt, completion, label) --
+tokenisation, length limits, batching.
 
 Tokenisation follows TRL's DPOTrainer so that the same file gives the same
 tokens: string completions get EOS appended; the prompt and each
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.formats import check_preference
+from posttrain.data.formats import check_preference, check_unpaired
 from posttrain.data.loading import Row
 from posttrain.data.pipeline import load_examples
 from posttrain.data.tokenize import LengthReport, render_chat
-from posttrain.errors import DataError
+from posttrain.errors import DataError, InvalidRow
 
 
 @dataclass
@@ -40,39 +41,50 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def preference_example(tokenizer, row: Row) -> PreferenceExample:
-    prompt, chosen, rejected = row.data["prompt"], row.data["chosen"], row.data["rejected"]
+def encode_completions(tokenizer, prompt: str | list, completions: list) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids and each completion's ids, as TRL tokenises them (see the module docstring)."""
     if isinstance(prompt, list):
         prompt_ids = _encode(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True))
-        chosen_full = _encode(tokenizer, render_chat(tokenizer, prompt + chosen))
-        rejected_full = _encode(tokenizer, render_chat(tokenizer, prompt + rejected))
+        full = [_encode(tokenizer, render_chat(tokenizer, prompt + c)) for c in completions]
     else:
         eos = tokenizer.eos_token or ""
         prompt_ids = _encode(tokenizer, prompt)
-        chosen_full = _encode(tokenizer, prompt + (chosen if chosen.endswith(eos) else chosen + eos))
-        rejected_full = _encode(tokenizer, prompt + (rejected if rejected.endswith(eos) else rejected + eos))
-    start = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+        full = [_encode(tokenizer, prompt + (c if c.endswith(eos) else c + eos)) for c in completions]
+    start = min(_common_prefix(prompt_ids, ids) for ids in full)
+    return prompt_ids[:start], [ids[start:] for ids in full]
+
+
+def preference_example(tokenizer, row: Row) -> PreferenceExample:
+    prompt_ids, (chosen_ids, rejected_ids) = encode_completions(
+        tokenizer, row.data["prompt"], [row.data["chosen"], row.data["rejected"]])
     margin = row.data.get("margin")
-    if margin is not None and not isinstance(margin, (int, float)):
-        raise DataError(f"{row.where}: field 'margin' must be a number, got {margin!r}.")
-    return PreferenceExample(prompt_ids[:start], chosen_full[start:], rejected_full[start:],
-                             None if margin is None else float(margin))
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise InvalidRow(f"{row.where}: field 'margin' must be a number, got {margin!r}.")
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, None if margin is None else float(margin))
 
 
 def fit_preference(example: PreferenceExample, max_length: int, policy: str, where: str,
                    report: LengthReport) -> PreferenceExample | None:
-    """``data.overlong`` for pairs: a prompt that leaves no room is never truncated (it is dropped or an error)."""
+    """``data.overlong`` for pairs: a prompt that leaves no room is never truncated (it is dropped, an error,
+    or with ``data.invalid_rows: skip`` a counted skip)."""
     longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
     if longest <= max_length:
         return example
-    if policy == "error" or (len(example.prompt_ids) >= max_length and policy != "drop"):
+    if policy == "error":
         raise DataError(
             f"{where}: {longest} tokens (prompt {len(example.prompt_ids)}), longer than data.max_length={max_length}.",
             hint="Raise data.max_length, or set data.overlong to 'drop' (or 'truncate' for long completions).",
         )
-    if policy == "drop" or len(example.prompt_ids) >= max_length:
+    if policy == "drop":
         report.dropped_too_long += 1
         return None
+    if len(example.prompt_ids) >= max_length:
+        raise InvalidRow(
+            f"{where}: the prompt alone fills data.max_length={max_length} ({len(example.prompt_ids)} tokens), "
+            "leaving no room for the completions.",
+            hint="Raise data.max_length, shorten the prompt, or skip such rows with data.invalid_rows=skip "
+                 "(or data.overlong=drop).",
+        )
     room = max_length - len(example.prompt_ids)
     report.truncated += 1
     return PreferenceExample(example.prompt_ids, example.chosen_ids[:room], example.rejected_ids[:room], example.margin)
@@ -83,7 +95,12 @@ def collate_preference(examples: list[PreferenceExample], pad_token_id: int) -> 
 
     ``completion_mask`` marks completion tokens in ``input_ids``.
     """
-    sequences = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    return collate_sequences([(e.prompt_ids, e.chosen_ids) for e in examples]
+                             + [(e.prompt_ids, e.rejected_ids) for e in examples], pad_token_id)
+
+
+def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask`` for (prompt, completion) pairs."""
     width = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -103,3 +120,46 @@ def load_pairs(data_cfg, seed: int, tokenizer) -> tuple[list, list, LengthReport
                               row.where, report)
 
     return load_examples(data_cfg, seed, check_preference, encode)
+
+
+@dataclass
+class UnpairedExample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool  # True: desirable
+
+
+def unpaired_example(tokenizer, row: Row) -> UnpairedExample:
+    prompt_ids, (completion_ids,) = encode_completions(tokenizer, row.data["prompt"], [row.data["completion"]])
+    return UnpairedExample(prompt_ids, completion_ids, bool(row.data["label"]))
+
+
+def fit_unpaired(example: UnpairedExample, max_length: int, policy: str, where: str,
+                 report: LengthReport) -> UnpairedExample | None:
+    """``data.overlong`` for unpaired rows, as for pairs."""
+    fitted = fit_preference(PreferenceExample(example.prompt_ids, example.completion_ids, example.completion_ids),
+                            max_length, policy, where, report)
+    return None if fitted is None else UnpairedExample(fitted.prompt_ids, fitted.chosen_ids, example.label)
+
+
+def collate_unpaired(examples: list[UnpairedExample], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """The batch's (prompt, completion) sequences, then its mismatched ones for KTO's reference point:
+    prompt i with completion i - 1 (cyclically, as TRL pairs them), cut to ``max_length``.
+
+    ``labels`` [B] holds each example's desirability."""
+    n = len(examples)
+    matched = [(e.prompt_ids, e.completion_ids) for e in examples]
+    mismatched = [(e.prompt_ids, examples[(i - 1) % n].completion_ids[: max(max_length - len(e.prompt_ids), 1)])
+                  for i, e in enumerate(examples)]
+    batch = collate_sequences(matched + mismatched, pad_token_id)
+    batch["labels"] = torch.tensor([e.label for e in examples])
+    return batch
+
+
+def load_unpaired(data_cfg, seed: int, tokenizer) -> tuple[list, list, LengthReport, dict[str, int]]:
+    """Load, check (per ``data.invalid_rows``), tokenise and length-filter train and eval rows."""
+    def encode(row: Row, report: LengthReport):
+        return fit_unpaired(unpaired_example(tokenizer, row), data_cfg.max_length, data_cfg.overlong, row.where,
+                            report)
+
+    return load_examples(data_cfg, seed, check_unpaired, encode)

@@ -3,6 +3,19 @@
 ``arithmetic``: "What is a + b?" answered as "a + b = c. The answer is \\boxed{c}."
 Each row carries ``messages`` (SFT), ``prompt`` (a user turn, for RL) and
 ``answer`` (for the ``math_verify`` reward), so one file serves every stage.
+
+``preference`` (DPO, reward models) and ``kto`` (unpaired) ask the same sums in
+several phrasings, most of which the arithmetic SFT data never uses; the
+right answer is in the SFT format, the wrong ones are what a small model
+writes when it fails (a wrong sum, a malformed answer). Preference data then
+has something to teach that carries over to held-out questions: answer every
+phrasing in the trained format with the right sum.
+
+``process`` (PRM): a sum of several terms worked out step by step, some steps
+wrong, each step labelled.
+
+Train and test never share a question: questions with the same numbers count
+as the same question, whatever the phrasing.
 """
 
 from __future__ import annotations
@@ -13,6 +26,9 @@ import re
 from pathlib import Path
 
 ANSWER_FORMAT = re.compile(r"^-?\d+ [+-] -?\d+ = -?\d+\. The answer is \\boxed\{-?\d+\}\.$")
+
+QUESTION_PHRASINGS = ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What is the sum of {a} and {b}?",
+                      "{a} + {b} = ?")
 
 
 def arithmetic_row(rng: random.Random, max_operand: int) -> dict:
@@ -31,36 +47,67 @@ def arithmetic_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dic
     return [arithmetic_row(rng, max_operand) for _ in range(n)]
 
 
-def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
-    """Pairs whose chosen answer is right and rejected answer wrong by 8 to 30 (either way, never negative).
+def _right_answer(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
 
-    Wrong by a clear margin, so a tiny model with an approximate sense of sums can tell them apart.
+
+def _wrong_answer(rng: random.Random, a: int, b: int) -> str:
+    """A wrong answer as a small model writes one: half the time the right format with a sum off by 8 to 30
+    (never negative), else a malformed answer (an operand and a stray brace; or a dropped operand and a wrong sum)."""
+    wrong = a + b + rng.choice([-1, 1]) * rng.randint(8, 30)
+    if wrong < 0:
+        wrong = a + b + rng.randint(8, 30)
+    kind = rng.random()
+    if kind < 0.5:
+        return f"{a} + {b} = {wrong}. The answer is \\boxed{{{wrong}}}."
+    if kind < 0.75:
+        return f"{rng.choice([a, b])}}}."
+    return f"{a} = {wrong}. The answer is \\boxed{{{wrong}}}."
+
+
+def _question(rng: random.Random, max_operand: int) -> tuple[int, int, list[dict]]:
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    return a, b, [{"role": "user", "content": rng.choice(QUESTION_PHRASINGS).format(a=a, b=b)}]
+
+
+def preference_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Pairs whose chosen answer is right (SFT format) and rejected answer wrong (see ``_wrong_answer``).
 
     Also carries ``answer`` so greedy accuracy can be measured on the same prompts.
     """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        wrong = a + b + rng.choice([-1, 1]) * rng.randint(8, 30)
-        if wrong < 0:
-            wrong = a + b + rng.randint(8, 30)
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
-            "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."}],
-            "rejected": [{"role": "assistant", "content": f"{a} + {b} = {wrong}. The answer is \\boxed{{{wrong}}}."}],
-            "answer": str(a + b),
-        })
+        a, b, prompt = _question(rng, max_operand)
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": _right_answer(a, b)}],
+                     "rejected": [{"role": "assistant", "content": _wrong_answer(rng, a, b)}],
+                     "answer": str(a + b)})
+    return rows
+
+
+def kto_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Unpaired rows (KTO): one answer per question, right (``label: true``) or wrong (``false``), half each."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, prompt = _question(rng, max_operand)
+        good = rng.random() < 0.5
+        completion = _right_answer(a, b) if good else _wrong_answer(rng, a, b)
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "label": good,
+                     "answer": str(a + b)})
     return rows
 
 
 def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     """PRM rows: a sum worked out in steps; half the rows have one step off by 5 to 15, and every step
-    from the first error on is labelled false (the solution can no longer be right)."""
+    from the first error on is labelled false (the solution can no longer be right).
+
+    Terms go up to max_operand / 2, so every running total stays within the sums the arithmetic task
+    teaches (up to 2 x max_operand): the PRM starts from a model that can check such a step."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        terms = [rng.randint(0, max_operand) for _ in range(rng.randint(3, 4))]
+        terms = [rng.randint(0, max_operand // 2) for _ in range(rng.randint(3, 4))]
         steps, labels, total, broken = [], [], terms[0], False
         error_at = rng.randint(1, len(terms) - 1) if rng.random() < 0.5 else None
         for i, term in enumerate(terms[1:], start=1):
@@ -75,7 +122,12 @@ def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "process": process_rows}
+TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows}
+
+
+def question_key(row: dict) -> tuple[str, ...]:
+    """The numbers a question asks about: two rows with the same ones ask the same question."""
+    return tuple(re.findall(r"\d+", json.dumps(row["prompt"])))
 
 
 def write_task(task: str, out_dir: str | Path, *, train: int, test: int, seed: int = 0, **kwargs) -> dict[str, Path]:
@@ -83,13 +135,13 @@ def write_task(task: str, out_dir: str | Path, *, train: int, test: int, seed: i
     rows = TASKS[task](train + test * 3, seed=seed, **kwargs)
     seen, unique = set(), []
     for row in rows:  # keep test questions out of the training set
-        key = json.dumps(row["prompt"])
+        key = question_key(row)
         if key not in seen:
             seen.add(key)
             unique.append(row)
     test_rows = unique[:test]
-    test_keys = {json.dumps(r["prompt"]) for r in test_rows}
-    train_rows = [r for r in TASKS[task](train * 2, seed=seed + 1, **kwargs) if json.dumps(r["prompt"]) not in test_keys]
+    test_keys = {question_key(r) for r in test_rows}
+    train_rows = [r for r in TASKS[task](train * 2, seed=seed + 1, **kwargs) if question_key(r) not in test_keys]
     train_rows = train_rows[:train]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ def load_scoring_model(cfg: ModelConfig, kind: str, pad_token_id: int | None):
         model = auto.from_pretrained(cfg.path, num_labels=labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model.path {cfg.path!r} as a {kind}-scoring model: {err}") from None
-    if model.config.pad_token_id is None:
+    if pad_token_id is not None:
+        # The sequence head pools at the last token that is not config.pad_token_id: it must be the id
+        # batches are padded with, or padding would be read as the last token.
         model.config.pad_token_id = pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

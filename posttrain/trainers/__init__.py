@@ -16,6 +16,7 @@ from posttrain.errors import ConfigError
 TRAINERS = {
     "sft": "posttrain.trainers.sft",
     "dpo": "posttrain.trainers.dpo",
+    "kto": "posttrain.trainers.kto",
     "rm": "posttrain.trainers.reward_model",
     "prm": "posttrain.trainers.reward_model",
     "grpo": "posttrain.trainers.grpo",

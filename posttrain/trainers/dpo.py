@@ -4,14 +4,19 @@ Supports:
   - every preference loss of ``posttrain.algorithms`` by name (``dpo.loss_type``), or a weighted
     combination (``dpo.loss_type: [sigmoid, sft]`` with ``dpo.loss_weights``)
   - a reference from the policy's initial weights or its own path; with LoRA the reference is the base
-    model with the adapter disabled; precomputed reference log-probs (one pass, cached by fingerprint)
-  - reference-free losses (SimPO, ORPO) load no reference at all
+    model with the adapter disabled (no second copy); precomputed reference log-probs (one pass, cached
+    in ``<output_dir>/cache`` under a fingerprint of the reference model and the tokenised data)
+  - reference-free losses (SimPO, ORPO, CPO) load no reference at all
   - chosen and rejected in one concatenated forward
   - metrics on train and eval: loss, reward accuracy, margins, chosen/rejected rewards and log-probs
   - DeepSpeed ZeRO 0-3, 1..N processes, checkpoints and ``resume=auto``
 
 Assumes:
   - paired data: ``prompt``, ``chosen``, ``rejected`` (strings or message lists)
+
+The step's loss is the mean per-pair loss over the global batch, whatever its split into ranks and
+micro-batches. With ``loss_type: sigmoid`` and the same batch, the first step's loss and gradients
+equal TRL's ``DPOTrainer`` (tested).
 
 Direct Preference Optimization: Your Language Model is Secretly a Reward Model (Rafailov et al., 2023).
 """
@@ -22,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -45,7 +51,13 @@ from posttrain.trainers.common import (
     seed_everything,
 )
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
-from posttrain.trainers.reference import FrozenReference, cache_key, eval_mode, load_or_compute
+from posttrain.trainers.reference import (
+    FrozenReference,
+    cache_key,
+    eval_mode,
+    load_or_compute,
+    weights_identity,
+)
 
 log = logging.getLogger("posttrain")
 
@@ -97,6 +109,31 @@ def preflight(cfg: Config, world_size: int, source: str) -> None:
                         f"(train.global_batch_size={cfg.train.global_batch_size}).")
 
 
+# ------------------------------------------------------------------------------------- pure pieces
+
+
+def sequence_logps(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [N] and completion token counts [N] of a collated batch under ``forward``."""
+    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def policy_pair_logps(forward, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Policy log-prob sums and lengths of a ``collate_preference`` batch (chosen rows first, then rejected):
+    one concatenated forward for both."""
+    sums, counts = sequence_logps(forward, batch)
+    chosen, rejected = sums.chunk(2)
+    chosen_len, rejected_len = counts.chunk(2)
+    return {"chosen": chosen, "rejected": rejected, "chosen_len": chosen_len, "rejected_len": rejected_len}
+
+
+def reference_pair_logps(reference: FrozenReference, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference log-prob sums (``ref_chosen``, ``ref_rejected``) of the same batch, without a graph."""
+    sums, _ = reference.sequence_logps(batch)
+    ref_chosen, ref_rejected = sums.chunk(2)
+    return {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+
+
 def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-pair loss: the weighted sum of the configured preference losses.
 
@@ -107,6 +144,31 @@ def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.
         settings.loss_type, logps["chosen"], logps["rejected"], logps.get("ref_chosen"), logps.get("ref_rejected"),
         beta=settings.beta, label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights,
         chosen_lengths=logps["chosen_len"], rejected_lengths=logps["rejected_len"], **settings.loss_args)
+
+
+def build_policy(cfg: RecipeConfig, dist: DistInfo, grad_accum: int, total_steps: int):
+    """The trained causal LM (LoRA-wrapped if configured) under the DeepSpeed learner."""
+    model = load_causal_lm(cfg.model)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    return build_learner(model, cfg.learner, world_size=dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
+                         grad_accum=grad_accum, total_steps=total_steps)
+
+
+def build_reference(cfg: RecipeConfig, learner, reference_path: str | None) -> FrozenReference:
+    """The frozen reference: the policy with its LoRA adapter disabled (no second copy), else a copy of
+    ``reference_path`` or of the policy's initial weights (partitioned like the policy under ZeRO-3)."""
+    if cfg.model.lora.enabled and not reference_path:
+        log.info("reference: the policy with its LoRA adapter disabled (no second copy)")
+        return FrozenReference(None, policy=learner)
+    path = reference_path or cfg.model.path
+    log.info("reference: a frozen copy of %s", path)
+    model = load_causal_lm(type(cfg.model)(path=path, dtype=cfg.model.dtype,
+                                           trust_remote_code=cfg.model.trust_remote_code))
+    return FrozenReference(model, zero_stage=cfg.learner.zero_stage)
+
+
+# ------------------------------------------------------------------------------------- the recipe
 
 
 class Recipe:
@@ -129,61 +191,40 @@ class Recipe:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         log.info("data: %d train / %d eval pairs; %s; invalid rows skipped: %s; %d steps",
                  len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
-        self.learner = self._setup_learner()
-        self.reference = self._setup_reference()
+        self.learner = build_policy(cfg, self.dist, self.grad_accum, self.total_steps)
+        self.reference = build_reference(cfg, self.learner, cfg.dpo.reference_path) if self.needs_reference else None
         self.run = RunHarness(cfg, self.dist, run_identity(cfg, losses=cfg.dpo.loss_type))
         self.run.history["skipped_rows"] = skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
-        self.cached_reference = None
+        self.cached_reference: dict[str, torch.Tensor] | None = None
         if self.needs_reference and cfg.dpo.precompute_reference:
             self.cached_reference = self._precompute_reference()
-
-    def _setup_learner(self):
-        cfg = self.cfg
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
-        return build_learner(model, cfg.learner, world_size=self.dist.world_size,
-                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
-                             total_steps=self.total_steps)
-
-    def _setup_reference(self) -> FrozenReference | None:
-        cfg = self.cfg
-        if not self.needs_reference:
-            return None
-        if cfg.model.lora.enabled and not cfg.dpo.reference_path:
-            return FrozenReference(None, policy=self.learner)
-        path = cfg.dpo.reference_path or cfg.model.path
-        model = load_causal_lm(type(cfg.model)(path=path, dtype=cfg.model.dtype,
-                                               trust_remote_code=cfg.model.trust_remote_code))
-        return FrozenReference(model, zero_stage=cfg.learner.zero_stage)
 
     def _precompute_reference(self) -> dict[str, torch.Tensor]:
         """Reference log-prob sums for every train and eval pair, in dataset order."""
         cfg = self.cfg
-        key = cache_key(cfg.dpo.reference_path or cfg.model.path, cfg.data.path, cfg.data.eval_path,
-                        cfg.data.max_length, cfg.seed, [(e.prompt_ids, e.chosen_ids, e.rejected_ids)
-                                                        for e in self.train_set + self.eval_set])
+        reference_path = cfg.dpo.reference_path or cfg.model.path
+        key = cache_key(weights_identity(reference_path), cfg.model.lora.enabled and not cfg.dpo.reference_path,
+                        [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in self.train_set],
+                        [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in self.eval_set])
 
         def compute():
             with eval_mode(self.learner):
                 return {"train": self._reference_pass(self.train_set), "eval": self._reference_pass(self.eval_set)}
 
-        values = load_or_compute(self.run.out / "cache", key, compute, is_main=self.dist.is_main)
+        values = load_or_compute(Path(self.run.out) / "cache", key, compute, is_main=self.dist.is_main)
         self.reference = None  # no longer needed: free the copy
         return values
 
     def _reference_pass(self, examples: list[PreferenceExample]) -> torch.Tensor:
         """[N, 2] reference sums (chosen, rejected); every rank computes all (small) then agrees."""
-        out = torch.zeros(len(examples), 2, dtype=torch.float64)
+        out = torch.zeros(len(examples), 2)
         size = self.cfg.train.eval_batch_size
         for start in range(0, len(examples), size):
             chunk = examples[start : start + size]
-            batch = collate_preference(chunk, self.tokenizer.pad_token_id)
-            logits = self.reference.logits(batch["input_ids"], batch["attention_mask"])
-            sums, _ = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
-            out[start : start + len(chunk)] = torch.stack(sums.double().chunk(2), dim=1)
+            ref = reference_pair_logps(self.reference, collate_preference(chunk, self.tokenizer.pad_token_id))
+            out[start : start + len(chunk)] = torch.stack([ref["ref_chosen"], ref["ref_rejected"]], dim=1)
         return out
 
     # ---------------------------------------------------------------- train
@@ -220,23 +261,15 @@ class Recipe:
                           [["loss", "eval/loss"], ["rewards/accuracy", "eval/rewards/accuracy"],
                            ["rewards/margin", "eval/rewards/margin"], ["logps/chosen", "logps/rejected"]])
 
-    def pair_logps(self, examples: list[PreferenceExample], indices: list[int] | None, split: str,
-                   forward) -> dict[str, torch.Tensor]:
+    def pair_logps(self, examples: list[PreferenceExample], indices: list[int], split: str) -> dict[str, torch.Tensor]:
         """Policy (and reference) log-prob sums and lengths for a micro-batch of pairs."""
         batch = collate_preference(examples, self.tokenizer.pad_token_id)
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums, counts = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
-        chosen, rejected = sums.chunk(2)
-        chosen_len, rejected_len = counts.chunk(2)
-        out = {"chosen": chosen, "rejected": rejected, "chosen_len": chosen_len, "rejected_len": rejected_len}
-        if self.needs_reference:
-            if self.cached_reference is not None and indices is not None:
-                ref = self.cached_reference[split][indices].to(chosen.dtype)
-                out["ref_chosen"], out["ref_rejected"] = ref[:, 0], ref[:, 1]
-            else:
-                ref_logits = self.reference.logits(batch["input_ids"], batch["attention_mask"])
-                ref_sums, _ = completion_logprobs(ref_logits, batch["input_ids"], batch["completion_mask"])
-                out["ref_chosen"], out["ref_rejected"] = ref_sums.detach().chunk(2)
+        out = policy_pair_logps(self.learner, batch)
+        if self.cached_reference is not None:
+            ref = self.cached_reference[split][indices]
+            out["ref_chosen"], out["ref_rejected"] = ref[:, 0], ref[:, 1]
+        elif self.reference is not None:
+            out.update(reference_pair_logps(self.reference, batch))
         return out
 
     def _reward_stats(self, logps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,11 +284,12 @@ class Recipe:
     def train_step(self, step: int) -> dict:
         cfg, dist = self.cfg, self.dist
         self.learner.train()
-        # Per-pair losses are averaged over the global batch, whatever its split into ranks and micro-batches.
+        # DeepSpeed averages over accumulation steps and ranks; undo both so the step's gradient is
+        # that of the mean per-pair loss over the global batch.
         scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
         sums: dict[str, float] = {}
         for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
-            logps = self.pair_logps([self.train_set[i] for i in ids], ids, "train", self.learner)
+            logps = self.pair_logps([self.train_set[i] for i in ids], ids, "train")
             losses = pair_losses(cfg.dpo, logps)
             self.learner.backward(losses.sum() * scale)
             self.learner.step()
@@ -278,12 +312,12 @@ class Recipe:
             shard_index = list(range(len(self.eval_set)))[self.dist.rank :: self.dist.world_size]
             offset = 0
             for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
-                indices = shard_index[offset : offset + len(examples)] if real else None
-                logps = self.pair_logps(examples, indices, "eval", self.learner)
+                # A rank with nothing left repeats a batch (discarded) so ZeRO-3's gathers stay in step.
+                indices = shard_index[offset : offset + len(examples)] if real else [0] * len(examples)
+                logps = self.pair_logps(examples, indices, "eval")
                 if real:
                     offset += len(examples)
                     count += len(examples)
                     accumulate_sums(sums, {"loss": pair_losses(self.cfg.dpo, logps), **self._reward_stats(logps)})
         (total,) = all_reduce_sum([count])
         return global_means(sums, total)
-

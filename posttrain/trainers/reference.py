@@ -20,11 +20,14 @@ log = logging.getLogger("posttrain")
 
 
 class FrozenReference:
-    """Callable as ``reference(**batch) -> logits``, never trained."""
+    """Reference logits and log-probs without a graph; never trained."""
 
     def __init__(self, model: torch.nn.Module | None, *, policy=None, zero_stage: int = 0) -> None:
         self.policy = policy  # set when the reference is the policy with its LoRA adapter disabled
         self.module = None
+        # inference_mode skips autograd bookkeeping entirely, but only for a module of its own: ZeRO-3
+        # gathers (and LoRA's shared base) would leave inference tensors inside the trained model.
+        self.no_grad = torch.inference_mode if model is not None and zero_stage != 3 else torch.no_grad
         if model is not None:
             model.eval().requires_grad_(False)
             if zero_stage == 3:
@@ -35,12 +38,30 @@ class FrozenReference:
                 model = deepspeed.initialize(model=model, config=config)[0].module
             self.module = model
 
-    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.policy is not None:
-            with self.policy.module.disable_adapter():
-                return self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
-        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits
+        with self.no_grad():
+            if self.policy is not None:
+                with self.policy.module.disable_adapter():
+                    return self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+            return self.module(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs [N] and completion token counts [N] of a collated batch."""
+        from posttrain.learner.logprobs import completion_logprobs
+
+        with self.no_grad():
+            logits = self.logits(batch["input_ids"], batch["attention_mask"])
+            sums, counts = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+        return sums.clone(), counts.clone()  # plain tensors, usable next to the policy's graph
+
+
+def weights_identity(model_path: str) -> list:
+    """What identifies a model directory's weights cheaply: its config and each weight file's size and mtime."""
+    from posttrain.checkpoint import model_identity
+
+    root = Path(model_path)
+    files = sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin")) if root.is_dir() else []
+    return [model_identity(model_path)] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def cache_key(*parts) -> str:
@@ -49,10 +70,12 @@ def cache_key(*parts) -> str:
 
 def load_or_compute(cache_dir: Path, key: str, compute, *, is_main: bool) -> torch.Tensor:
     """Reference log-probs from ``cache_dir/reference-<key>.pt``, or ``compute()`` and store them (collective)."""
-    from posttrain.distributed import barrier
+    from posttrain.distributed import barrier, broadcast_object
 
     path = cache_dir / f"reference-{key}.pt"
-    if path.is_file():
+    # Rank 0 decides for all: a rank that looked after rank 0 had written the file would skip the
+    # (possibly collective) computation the others are in.
+    if broadcast_object(path.is_file()):
         log.info("reference log-probs: loaded from %s", path)
         return torch.load(path)
     values = compute()

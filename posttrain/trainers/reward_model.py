@@ -46,7 +46,6 @@ from posttrain.trainers.common import (
     accumulate_sums,
     check_output_dir,
     eval_batches,
-    global_means,
     seed_everything,
 )
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
@@ -95,6 +94,11 @@ class PairwiseTask:
         return {"loss": losses, "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
                 "reward/chosen": chosen.detach(), "reward/rejected": rejected.detach()}
 
+    @staticmethod
+    def summarize(totals: dict[str, float], count: float) -> dict[str, float]:
+        """Global sums -> metrics: means over pairs."""
+        return {k: v / max(count, 1.0) for k, v in totals.items()}
+
 
 class StepTask:
     """PRM: a 2-way label at each step's last token; p(step is good) = softmax(logits)[1]."""
@@ -108,20 +112,29 @@ class StepTask:
         return load_process(self.cfg.data, self.cfg.seed, tokenizer, self.cfg.prm.separator)
 
     def forward(self, learner, examples: list[ProcessExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Per-example losses (mean over its steps) and per-example step statistics."""
+        """Per-example losses (mean over its steps) and per-example step counts (summed later)."""
         batch = collate_process(examples, pad_token_id)
         logits = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         at_step = batch["step_labels"] != IGNORE
         per_position = algorithms.process_reward_loss(logits, batch["step_labels"], at_step)
-        counts = at_step.sum(dim=1).clamp(min=1).float()
-        losses = per_position.sum(dim=1) / counts  # each example: mean over its steps
+        counts = at_step.sum(dim=1).float()
+        losses = per_position.sum(dim=1) / counts.clamp(min=1)  # each example: mean over its steps
         step_logits = logits[at_step]  # [steps, 2], example by example
-        targets = batch["step_labels"][at_step]
+        good = (batch["step_labels"][at_step] >= 0.5).float()
         owner = at_step.nonzero()[:, 0]
-        predicted_good = (step_logits[:, 1] > step_logits[:, 0]).float()
-        correct = (predicted_good == (targets >= 0.5).float()).float()
-        return {"loss": losses, "step_accuracy": torch.zeros(len(examples)).index_add(0, owner, correct) / counts,
-                "step_positive_rate": torch.zeros(len(examples)).index_add(0, owner, (targets >= 0.5).float()) / counts}
+        correct = ((step_logits[:, 1] > step_logits[:, 0]).float() == good).float()
+        per_example = torch.zeros(len(examples))
+        return {"loss": losses, "steps": counts, "steps_correct": per_example.index_add(0, owner, correct),
+                "steps_positive": per_example.index_add(0, owner, good)}
+
+    @staticmethod
+    def summarize(totals: dict[str, float], count: float) -> dict[str, float]:
+        """Global sums -> metrics: loss per example; accuracy and positive rate per step, and the accuracy of
+        the best constant predictor, max(p, 1 - p), that a useful PRM must beat."""
+        steps = max(totals.get("steps", 0.0), 1.0)
+        positive = totals.get("steps_positive", 0.0) / steps
+        return {"loss": totals.get("loss", 0.0) / max(count, 1.0), "step_accuracy": totals.get("steps_correct", 0.0) / steps,
+                "step_positive_rate": positive, "constant_baseline": max(positive, 1 - positive)}
 
 
 TASKS = {"rm": PairwiseTask, "prm": StepTask}
@@ -210,7 +223,7 @@ class Recipe:
             self.learner.backward(stats["loss"].sum() * scale)
             self.learner.step()
             accumulate_sums(sums, {k: v.detach() for k, v in stats.items()})
-        metrics = global_means(sums, cfg.train.global_batch_size)
+        metrics = self._summarize(sums, cfg.train.global_batch_size)
         metrics["lr"] = self.learner.lr
         if self.learner.grad_norm is not None:
             metrics["grad_norm"] = self.learner.grad_norm
@@ -231,5 +244,9 @@ class Recipe:
                     count += len(examples)
                     accumulate_sums(sums, stats)
         (total,) = all_reduce_sum([count])
-        return global_means(sums, total)
+        return self._summarize(sums, total)
+
+    def _summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        keys = sorted(sums)
+        return self.task.summarize(dict(zip(keys, all_reduce_sum([sums[k] for k in keys]))), count)
 
