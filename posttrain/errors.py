@@ -30,3 +30,10 @@ class DataError(UserError):
 class InvalidRow(DataError):
     """A well-formed row that cannot be trained on as it is (e.g. its prompt alone fills data.max_length):
     an error by default, a counted skip under ``data.invalid_rows: skip``."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite. Not a bug in the user's input as such, but theirs to fix (learning
+    rate, data, precision); printed without a traceback, exit status 3, the last checkpoint left intact."""
+
+    exit_code = 3

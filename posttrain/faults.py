@@ -1,6 +1,9 @@
-"""Fault injection for resume tests: ``POSTTRAIN_FAULT_KILL_AFTER_STEP=N`` sends SIGKILL to this
-process right after optimizer step N (after any checkpoint of that step is written), the same
-as an operator's ``kill -9`` at that moment but reproducible. Unset in normal runs.
+"""Fault injection for tests of the failure paths; every variable is unset in normal runs.
+
+``POSTTRAIN_FAULT_KILL_AFTER_STEP=N`` sends SIGKILL to this process right after step N (after any
+checkpoint of that step is written), the same as an operator's ``kill -9`` at that moment but
+reproducible. ``POSTTRAIN_FAULT_NAN_LOSS_AT_STEP=N`` turns the loss of step N (1-based) into NaN, as a
+diverging run would. ``POSTTRAIN_FAULT_RANK=R`` limits either to rank R.
 """
 
 from __future__ import annotations
@@ -9,8 +12,19 @@ import os
 import signal
 
 
+def _armed(variable: str, step: int) -> bool:
+    target = os.environ.get(variable)
+    rank = os.environ.get("POSTTRAIN_FAULT_RANK")  # unset: every rank
+    return bool(target) and int(target) == step and (rank is None or rank == os.environ.get("RANK", "0"))
+
+
 def maybe_kill(step: int) -> None:
-    target = os.environ.get("POSTTRAIN_FAULT_KILL_AFTER_STEP")
-    rank = os.environ.get("POSTTRAIN_FAULT_RANK")  # unset: every rank dies
-    if target and int(target) == step and (rank is None or rank == os.environ.get("RANK", "0")):
+    if _armed("POSTTRAIN_FAULT_KILL_AFTER_STEP", step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_poison_loss(step: int, loss):
+    """``loss`` times NaN when ``POSTTRAIN_FAULT_NAN_LOSS_AT_STEP`` names this (1-based) step, else ``loss``."""
+    if _armed("POSTTRAIN_FAULT_NAN_LOSS_AT_STEP", step):
+        return loss * float("nan")
+    return loss

@@ -1,18 +1,24 @@
-"""The quickstart: a tiny local model learns a synthetic task end to end.
+"""The quickstart: a tiny local model learns a verifiable task with SFT, then with RL.
 
 ``scripts/quickstart.sh`` runs ``python -m posttrain.quickstart``. Stages:
   1. build a tiny Llama-style model and tokenizer (no hub needed);
-  2. write the synthetic arithmetic task (train / held-out test);
-  3. SFT with ``recipes/sft.yaml`` on DeepSpeed;
-  4. load the saved checkpoint with plain transformers, generate on held-out
-     prompts, and report format adherence and accuracy.
-Everything lands in ``runs/quickstart/``; ``summary.json`` holds the numbers.
+  2. write the synthetic arithmetic task ("What is a + b?"; train and held-out test never share a question);
+  3. a short SFT warm start with ``recipes/sft.yaml`` on DeepSpeed: it learns the answer format and some sums;
+  4. GRPO with ``recipes/grpo.yaml``: vLLM samples 8 answers per prompt, the ``math_verify`` reward scores
+     them, the DeepSpeed learner trains, the new weights are synced into vLLM, every step;
+  5. load the SFT and the GRPO checkpoints with plain transformers, answer every held-out question
+     greedily, and report accuracy before (SFT start) and after (GRPO).
+Everything lands in ``runs/quickstart/``; ``summary.json`` holds the numbers (``accuracy_before``,
+``accuracy_after``), ``plots/`` the curves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,8 +27,11 @@ from posttrain.distributed import configure_environment
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Curves copied into runs/quickstart/plots (the trainers write more in their own plots/ folders).
+GRPO_PLOTS = ("reward-mean_eval-reward.png", "eval-accuracy.png", "kl.png", "time-samples_per_s.png")
 
-def greedy_completions(model_dir: str | Path, prompts: list, *, max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+
+def greedy_completions(model_dir: str | Path, prompts: list, *, max_new_tokens: int = 32, batch_size: int = 50) -> list[str]:
     """Greedy generations with plain transformers (what a user without posttrain would do)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,7 +53,7 @@ def greedy_completions(model_dir: str | Path, prompts: list, *, max_new_tokens: 
 
 
 def score_arithmetic(completions: list[str], answers: list[str]) -> dict:
-    """Share of completions in the training format, and share with the right boxed answer."""
+    """Share of completions in the training format, and share whose last ``\\boxed{}`` holds the answer."""
     import re
 
     from posttrain.data.synthetic import ANSWER_FORMAT
@@ -59,13 +68,51 @@ def score_arithmetic(completions: list[str], answers: list[str]) -> dict:
     return {"format": fmt / n, "accuracy": correct / n}
 
 
+def held_out_scores(model_dir: Path, test: list[dict]) -> dict:
+    return score_arithmetic(greedy_completions(model_dir, [r["prompt"] for r in test]), [r["answer"] for r in test])
+
+
+def run_stage(recipe: str, overrides: list[str], log_path: Path) -> dict:
+    """Run one recipe in a fresh process (``python -m posttrain.run``), its log in ``log_path``; its summary.
+
+    A fresh process per stage keeps each engine's process-wide state (DeepSpeed's process group,
+    vLLM's thread settings) from leaking into the next stage.
+    """
+    from posttrain.errors import UserError
+
+    output_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
+    command = [sys.executable, "-m", "posttrain.run", str(REPO / "recipes" / recipe), *overrides]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    summary_path = Path(output_dir) / "summary.json"
+    if done.returncode != 0 or not summary_path.is_file():
+        print("".join(log_path.read_text().splitlines(keepends=True)[-15:]), file=sys.stderr)
+        raise UserError(f"the {recipe} stage failed (exit {done.returncode}); the end of its log is above, "
+                        f"all of it in {log_path}.")
+    return json.loads(summary_path.read_text())
+
+
+def print_table(summary: dict) -> None:
+    print("\n[quickstart] held-out accuracy (greedy, plain transformers, "
+          f"{summary['held_out_prompts']} questions never trained on)")
+    print(f"  {'':26}{'format':>10}{'accuracy':>10}")
+    for label, key in (("tiny model (random init)", "init"), ("after SFT  (before RL)", "before"),
+                       ("after GRPO (after RL)", "after")):
+        print(f"  {label:26}{summary[f'format_{key}']:>10.0%}{summary[f'accuracy_{key}']:>10.0%}")
+    gain = 100 * (summary["accuracy_after"] - summary["accuracy_before"])
+    print(f"  RL gain: {gain:+.1f} points   training time: SFT {summary['sft_train_seconds']:.0f} s, "
+          f"GRPO {summary['grpo_train_seconds']:.0f} s ({summary['grpo_steps']} steps)")
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     parser = argparse.ArgumentParser(prog="python -m posttrain.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/quickstart")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts to generate for")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, data, SFT and GRPO")
+    parser.add_argument("--grpo-steps", type=int, help="GRPO rollout steps (default: recipes/grpo.yaml's)")
+    parser.add_argument("--skip-rl", action="store_true", help="stop after the SFT stage")
     args = parser.parse_args(argv)
 
     from posttrain.cli.main import print_user_error
@@ -73,44 +120,59 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.data.synthetic import write_task
     from posttrain.errors import UserError
     from posttrain.models.tiny import make_tiny_model
-    from posttrain.run import run_recipe
 
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()
     started = time.perf_counter()
     try:
+        out.mkdir(parents=True, exist_ok=True)
         model_dir = out / "model-init"
         if not (model_dir / "config.json").is_file():
             print(f"[quickstart] building a tiny model in {model_dir}")
             make_tiny_model(model_dir, seed=args.seed)
         data = write_task("arithmetic", out / "data", train=2000, test=200, seed=args.seed)
-        print("[quickstart] supervised fine-tuning (recipes/sft.yaml)")
-        sft = run_recipe(str(REPO / "recipes" / "sft.yaml"), [
-            f"output_dir={out / 'sft'}", f"model.path={model_dir}", f"data.path={data['train']}",
-            f"seed={args.seed}", "overwrite=true",
-        ])
-        test = [r.data for r in load_rows(str(data["test"]))][: args.eval_prompts]
-        checkpoint = Path(sft["checkpoint"]) / "model"
-        scores = score_arithmetic(greedy_completions(checkpoint, [r["prompt"] for r in test]),
-                                  [r["answer"] for r in test])
-        init_scores = score_arithmetic(greedy_completions(model_dir, [r["prompt"] for r in test]),
-                                       [r["answer"] for r in test])
+        test = [r.data for r in load_rows(str(data["test"]))]
+
+        print("[quickstart] 1/2 supervised warm start (recipes/sft.yaml)")
+        sft = run_stage("sft.yaml", [f"output_dir={out / 'sft'}", f"model.path={model_dir}",
+                                     f"data.path={data['train']}", f"seed={args.seed}", "overwrite=true",
+                                     "logging.progress=false"], out / "sft.log")
+        sft_model = Path(sft["checkpoint"]) / "model"
+        summary: dict = {"held_out_prompts": len(test), "sft_train_seconds": sft.get("train_seconds")}
+        for key, model in (("init", model_dir), ("before", sft_model)):
+            scores = held_out_scores(model, test)
+            summary[f"format_{key}"], summary[f"accuracy_{key}"] = scores["format"], scores["accuracy"]
+        print(f"[quickstart]     SFT done: held-out accuracy {summary['accuracy_before']:.0%}")
+
+        if not args.skip_rl:
+            print("[quickstart] 2/2 GRPO with vLLM rollouts and the math_verify reward (recipes/grpo.yaml); "
+                  f"progress in {out / 'grpo.log'}")
+            overrides = [f"output_dir={out / 'grpo'}", f"model.path={sft_model}", f"data.path={data['train']}",
+                         f"data.eval_path={data['test']}", f"seed={args.seed}", "overwrite=true"]
+            if args.grpo_steps:
+                overrides.append(f"train.max_steps={args.grpo_steps}")
+            grpo = run_stage("grpo.yaml", overrides, out / "grpo.log")
+            rl_model = Path(grpo["checkpoint"]) / "model"
+            scores = held_out_scores(rl_model, test)
+            summary.update(format_after=scores["format"], accuracy_after=scores["accuracy"],
+                           grpo_train_seconds=grpo.get("train_seconds"), grpo_steps=grpo.get("steps"),
+                           checkpoint=str(rl_model))
+            plots = out / "plots"
+            plots.mkdir(exist_ok=True)
+            for name in GRPO_PLOTS:
+                if (out / "grpo" / "plots" / name).is_file():
+                    shutil.copy(out / "grpo" / "plots" / name, plots / name)
+            summary["plots"] = str(plots)
+        else:
+            summary.update(format_after=summary["format_before"], accuracy_after=summary["accuracy_before"],
+                           grpo_train_seconds=0.0, grpo_steps=0, checkpoint=str(sft_model),
+                           plots=str(out / "sft" / "plots"))
     except UserError as err:
         print_user_error(err)
         return err.exit_code
-    summary = {
-        "eval_loss_before": sft["eval_loss_start"], "eval_loss_after": sft["eval_loss_end"],
-        "format_before": init_scores["format"], "format_after": scores["format"],
-        "accuracy_before": init_scores["accuracy"], "accuracy_after": scores["accuracy"],
-        "checkpoint": str(checkpoint), "plots": str(out / "sft" / "plots"),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n[quickstart] held-out results (greedy, plain transformers)")
-    print(f"  {'':22}{'before':>10}{'after':>10}")
-    print(f"  {'eval loss':22}{summary['eval_loss_before']:>10.3f}{summary['eval_loss_after']:>10.3f}")
-    print(f"  {'answer in format':22}{summary['format_before']:>10.0%}{summary['format_after']:>10.0%}")
-    print(f"  {'accuracy':22}{summary['accuracy_before']:>10.0%}{summary['accuracy_after']:>10.0%}")
-    print(f"[quickstart] checkpoint (Hugging Face format): {checkpoint}")
+    print_table(summary)
+    print(f"[quickstart] checkpoint (Hugging Face format): {summary['checkpoint']}")
     print(f"[quickstart] plots: {summary['plots']}   summary: {out / 'summary.json'}")
     print(f"[quickstart] done in {summary['seconds']} s")
     return 0

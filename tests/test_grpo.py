@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import string
 
 import pytest
 
@@ -131,3 +133,63 @@ def test_two_processes_zero3_match_one_process(tiny_model, arithmetic_data, tmp_
     for x, y in zip(a, b):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_or_is_skipped(tiny_model, arithmetic_data, tmp_path):
+    """A NaN loss at step 2 (injected, as a diverging run would produce): ``stop`` ends the run with exit 3,
+    a one-line message and the step-1 checkpoint intact; ``skip`` drops those micro-batches, counts them and
+    finishes."""
+    poison = {"POSTTRAIN_FAULT_NAN_LOSS_AT_STEP": "2"}
+    out = tmp_path / "stop"
+    stop = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, "checkpoint.every_n_steps=1"),
+                   env=poison)
+    assert stop.returncode == 3 and "Traceback" not in stop.stderr, stop.stderr[-3000:]
+    assert "the loss is nan at step 2" in stop.stderr and "step-000001" in stop.stderr
+    assert "grpo.nonfinite_loss=skip" in stop.stderr
+    assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    assert not (out / "checkpoints" / "step-000002").exists()
+
+    out = tmp_path / "skip"
+    skip = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, "grpo.nonfinite_loss=skip"), env=poison)
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    steps = {r["step"]: r for r in read_metrics(out) if "reward/mean" in r}
+    # 16 samples, 2 mini-batches of 8, one micro-batch each: both of step 2 are dropped
+    assert steps[1]["nonfinite_skipped"] == 0 and steps[2]["nonfinite_skipped"] == 2
+    assert all(math.isfinite(r["loss"]) for r in steps.values())
+
+
+def test_empty_completions_are_scored_counted_and_trained_on(tiny_model, arithmetic_data, tmp_path):
+    """Completions cut to nothing by stop strings (every printable ASCII character; the random model's rare
+    non-ASCII text survives): the rewards see "" (math_verify gives 0), the share is logged, and the step
+    still trains (on the end-of-text / stop token vLLM produced)."""
+    stops = json.dumps([c for c in string.printable])
+    out = tmp_path / "r"
+    result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, f"rollout.stop={stops}",
+                                               "train.max_steps=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (step,) = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert 0.75 <= step["completion/empty_share"] <= 1.0
+    assert step["reward/mean"] == 0.0 and step["reward/unscored"] == 0
+    assert math.isfinite(step["loss"])
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_data, tmp_path):
+    """kill -9 right after the step-2 checkpoint, then ``resume=auto``: steps 3-4 match the uninterrupted run
+    (sampling seeds derive from the step, the engine is re-synced from the checkpoint's weights)."""
+    (tmp_path / "r.py").write_text(BAD_REWARDS)
+    common = grpo_args(tiny_model, arithmetic_data, tmp_path / "x", f"grpo.rewards=[{{name: '{tmp_path}/r.py:varied'}}]",
+                       "train.max_steps=4", "checkpoint.every_n_steps=2", "learner.lr=1e-3")
+    whole = run_cli("run", RECIPE, *common, f"output_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run_cli("run", RECIPE, *common, f"output_dir={tmp_path / 'cut'}",
+                     env={"POSTTRAIN_FAULT_KILL_AFTER_STEP": "2"})
+    assert killed.returncode != 0
+    resumed = run_cli("run", RECIPE, *common, f"output_dir={tmp_path / 'cut'}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(tmp_path / "whole") if "reward/mean" in r}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "cut") if "reward/mean" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a[3]["reward/std"] > 0
+    for step in (3, 4):
+        assert b[step]["reward/mean"] == pytest.approx(a[step]["reward/mean"], abs=1e-6)
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5)

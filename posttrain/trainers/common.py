@@ -19,7 +19,7 @@ from posttrain.config.schema import (
     TrainConfig,
     doc,
 )
-from posttrain.errors import UserError
+from posttrain.errors import TrainingDiverged, UserError
 
 log = logging.getLogger("posttrain")
 
@@ -134,3 +134,18 @@ def global_means(sums: dict[str, float], count: float) -> dict[str, float]:
     keys = sorted(sums)
     totals = all_reduce_sum([sums[k] for k in keys])
     return {k: v / max(count, 1) for k, v in zip(keys, totals)}
+
+
+def check_finite_loss(loss: float, step: int, last_checkpoint: Path | None, *, setting: str | None = None) -> None:
+    """Stop with a clear ``TrainingDiverged`` error when ``loss`` is NaN or infinite (``step`` is 1-based).
+
+    ``loss`` must be the same number on every rank (a global mean), so that every rank stops together.
+    """
+    import math
+
+    if math.isfinite(loss):
+        return
+    where = f"the last checkpoint, {last_checkpoint}, is intact" if last_checkpoint else "no checkpoint was written yet"
+    hint = "Lower learner.lr, check the data, or train in fp32"
+    hint += f", or set {setting}=skip to skip such updates (they are counted)." if setting else "."
+    raise TrainingDiverged(f"the loss is {loss} at step {step}; the run stopped and {where}.", hint=hint)

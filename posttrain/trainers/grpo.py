@@ -35,13 +35,13 @@ from posttrain.config.schema import ConfigError, doc
 from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import DataError
-from posttrain.faults import maybe_kill
+from posttrain.faults import maybe_kill, maybe_poison_loss
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutConfig, RolloutEngine, sync_weights, token_logprobs
 from posttrain.rollout.logprobs import drift_stats
-from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
+from posttrain.trainers.common import RecipeConfig, check_finite_loss, check_output_dir, seed_everything
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
 from posttrain.trainers.online import PromptRow, evaluate_generation, load_prompts, score_samples
 from posttrain.trainers.reference import FrozenReference
@@ -69,7 +69,7 @@ class GRPOSettings:
     reward_on_error: Literal["fail", "zero"] = doc("fail", "A reward that raises, hangs or returns NaN: stop with an error naming it and the row, or score 0 and count it.")
     reward_timeout: float = doc(120.0, "Seconds one reward call may take.")
     max_prompt_length: int = doc(256, "Longest prompt in tokens; longer ones follow data.overlong (drop or error).")
-    nonfinite_loss: Literal["stop", "skip"] = doc("stop", "A non-finite loss: stop (after saving a checkpoint of the last good state) or skip the update and count it.")
+    nonfinite_loss: Literal["stop", "skip"] = doc("stop", "A non-finite loss: stop with an error (the last checkpoint stays intact), or skip: drop that micro-batch's gradient and count it (nonfinite_skipped).")
     eval_prompts: int = doc(200, "Held-out prompts scored at each evaluation (greedy).")
     sync_bucket_mb: int = doc(256, "Weight-sync bucket size in MiB (bounds the extra memory of a sync).")
 
@@ -223,7 +223,7 @@ class Recipe:
             log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
         return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
                            "train_seconds": round(time.perf_counter() - started, 2)},
-                          [["reward/mean", "eval/reward"], ["kl"], ["entropy"], ["time/samples_per_s"],
+                          [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"], ["time/samples_per_s"],
                            ["drift/abs_diff_max"], ["completion_tokens"]])
 
     def cleanup(self) -> None:
@@ -283,7 +283,7 @@ class Recipe:
             tis = algorithms.truncated_importance_weights(old_logprobs, tensors["sampler_logprobs"], mask, clip_max=g.tis_cap)
             weights = tis.weights
             drift.update({f"tis_{k}": float(v) for k, v in tis.metrics.items()})
-        update = self._update(tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
+        update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
         timings["train"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -315,7 +315,8 @@ class Recipe:
             return algorithms.group_advantages("spo", rewards, n, tracker=self.spo, keys=keys)
         return algorithms.group_advantages(g.estimator, rewards, n, **g.estimator_args)
 
-    def _update(self, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights) -> dict[str, float]:
+    def _update(self, step: int, tensors, old_logprobs, ref_logprobs, advantages, loss_mask,
+                weights) -> dict[str, float]:
         cfg, g, dist = self.cfg, self.cfg.grpo, self.dist
         temperature = max(cfg.rollout.temperature, 1e-6)
         local = tensors["input_ids"].shape[0]
@@ -351,15 +352,18 @@ class Recipe:
                         entropy = algorithms.entropy_from_logits(logits.float() / temperature)
                         loss = loss + algorithms.entropy_bonus(entropy, loss_mask[part], coef=g.entropy_coef,
                                                                loss_agg_mode=g.loss_agg, **agg)
-                    if not torch.isfinite(loss):
+                    loss = maybe_poison_loss(step + 1, loss)
+                    # decided together: a rank that stopped alone would leave the others hanging in a collective
+                    if all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
                         if g.nonfinite_loss == "stop":
-                            raise FloatingPointError("non-finite policy loss; the last checkpoint is intact. "
-                                                     "Lower the learning rate or set grpo.nonfinite_loss=skip.")
-                        sums["nonfinite"] += 1
+                            check_finite_loss(math.nan, step + 1, self.run.last_checkpoint,
+                                              setting="grpo.nonfinite_loss")
+                        sums["nonfinite"] += 1 / dist.world_size
                         loss = loss.nan_to_num(0.0, posinf=0.0, neginf=0.0) * 0.0
                     self.learner.backward(loss)
                     self.learner.step()
-                    sums["loss"] += result.loss.item() / divisor
+                    if torch.isfinite(result.loss):
+                        sums["loss"] += result.loss.item() / divisor
                     # metrics are means over this micro-batch's loss tokens: weight them back to sums
                     sums["clipfrac"] += float(result.metrics.get("clipfrac", 0.0)) * loss_mask[part].sum().item()
                     sums["clip_tokens"] += loss_mask[part].sum().item()
@@ -375,15 +379,17 @@ class Recipe:
         finite = rewards[torch.isfinite(rewards)]
         lengths = [len(s.completion_ids) for s in batch]
         truncated = sum(s.finish_reason == "length" for s in batch)
+        empty = sum(not s.text.strip() for s in batch)  # scored like any text; usually 0 reward, kept in the loss
         sums = all_reduce_sum([finite.sum().item(), float(finite.numel()), float((finite * finite).sum().item()),
                                float(sum(lengths)), float(len(batch)), float(truncated), float((~keep).sum()),
-                               float(len(scores.issues))])
-        r_sum, r_count, r_sq, len_sum, count, trunc, dropped, issues = sums
+                               float(len(scores.issues)), float(empty)])
+        r_sum, r_count, r_sq, len_sum, count, trunc, dropped, issues, empty = sums
         mean = r_sum / max(r_count, 1)
         metrics = {
             "reward/mean": mean, "reward/std": math.sqrt(max(r_sq / max(r_count, 1) - mean * mean, 0.0)),
             "reward/unscored": count - r_count, "reward/issues": issues, **reward_means,
             "completion_tokens": len_sum / max(count, 1), "completion/truncated_share": trunc / max(count, 1),
+            "completion/empty_share": empty / max(count, 1),
             "filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": update["kl"],
             "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"], "lr": self.learner.lr,
             **{f"drift/{k}": float(v) for k, v in drift.items()}, **sync.as_metrics(),

@@ -61,6 +61,7 @@ class RunHarness:
         state = self.checkpointer.trainer_state(self.resume_from)
         self.history = state.get("history", {})
         self.start_step = int(state["step"])
+        self.last_checkpoint = self.resume_from
         log.info("resumed from %s at step %d", self.resume_from, self.start_step)
         return state
 

@@ -48,6 +48,7 @@ from posttrain.models.loading import check_model_path, load_tokenizer
 from posttrain.trainers.common import (
     RecipeConfig,
     accumulate_sums,
+    check_finite_loss,
     check_output_dir,
     eval_batches,
     seed_everything,
@@ -205,8 +206,7 @@ class Recipe:
         metrics["lr"] = self.learner.lr
         if self.learner.grad_norm is not None:
             metrics["grad_norm"] = self.learner.grad_norm
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
+        check_finite_loss(metrics["loss"], step + 1, self.run.last_checkpoint)
         return metrics
 
     @torch.no_grad()
