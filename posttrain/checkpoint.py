@@ -4,6 +4,8 @@ Layout of ``<output_dir>/checkpoints/step-000120/``::
 
     model/             Hugging Face model (or adapter/ and, on request, merged/) + tokenizer
     state/             DeepSpeed optimizer, scheduler and (partitioned) weights
+    critic/            (PPO) the value model, a Hugging Face token-classification model
+    critic_state/      (PPO) its DeepSpeed state
     rng/rank-<r>.pt    every rank's RNG states
     trainer_state.json step, data position, metrics so far, recipe fingerprint
     COMPLETE           written last: a checkpoint without it is ignored

@@ -83,6 +83,19 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of a few floats over ranks (negate for a minimum)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.cpu().tolist()
+
+
 def broadcast_object(value, src: int = 0):
     import torch.distributed as dist
 

@@ -49,6 +49,7 @@ from posttrain.algorithms.kl import (
     make_kl_controller,
     sequence_kl,
 )
+from posttrain.algorithms.normalization import RunningMoments, normalize_rewards
 from posttrain.algorithms.off_policy import ImportanceWeights, truncated_importance_weights
 from posttrain.algorithms.policy import (
     PolicyLossOutput,
@@ -116,6 +117,7 @@ __all__ = [
     "PolicyLossResult",
     "PreferenceRewards",
     "Registry",
+    "RunningMoments",
     "SPOValueTracker",
     "UnknownNameError",
     "aggregate_loss",
@@ -154,6 +156,7 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "mc_value_labels",
+    "normalize_rewards",
     "orpo_log_odds_ratio",
     "pf_ppo_filter",
     "pf_ppo_weights",

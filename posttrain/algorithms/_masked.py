@@ -37,10 +37,14 @@ def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = False) -> Tensor:
     return sq / denom.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked-in entries; masked-out entries become 0."""
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  mean: float | Tensor | None = None, var: float | Tensor | None = None) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked-in entries; masked-out entries become 0.
+
+    ``mean`` / ``var`` (population variance) replace the statistics of ``x`` when given, e.g. the
+    statistics of the whole batch over every rank, so each rank's share is whitened alike."""
+    mean = masked_mean(x, mask) if mean is None else torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    var = masked_var(x, mask) if var is None else torch.as_tensor(var, dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -33,10 +33,10 @@ def _write_safetensors(state: dict[str, torch.Tensor], directory: Path, tied: bo
 
 
 def save_hf_model(module: torch.nn.Module, directory: Path, *, tokenizer, is_main: bool,
-                  lora_scaling: float | None = None, save_merged: bool = False) -> None:
+                  lora_scaling: float | None = None, save_merged: bool = False, name: str = "model") -> None:
     """Save ``module`` (plain or PEFT-wrapped) under ``directory``; collective.
 
-    Plain models go to ``directory/model``. PEFT models go to
+    Plain models go to ``directory/<name>`` (``model`` by default). PEFT models go to
     ``directory/adapter`` and, with ``save_merged``, ``directory/merged``.
     """
     state = gather_state_dict(module, keep=is_main)
@@ -65,7 +65,7 @@ def save_hf_model(module: torch.nn.Module, directory: Path, *, tokenizer, is_mai
         if save_merged:
             targets.append((directory / "merged", merge_lora_tensors(state, scaling=lora_scaling)))
     else:
-        targets.append((directory / "model", state))
+        targets.append((directory / name, state))
     config.architectures = [type(base).__name__]  # what from_pretrained instantiates by default
     for target, weights in targets:
         target.mkdir(parents=True, exist_ok=True)

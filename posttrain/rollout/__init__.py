@@ -5,7 +5,7 @@ Importing this package does not import vLLM; ``RolloutEngine`` does, when create
 
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import Prompt, RolloutBatch, RolloutEngine, Sample
-from posttrain.rollout.logprobs import drift_stats, token_logprobs
+from posttrain.rollout.logprobs import drift_stats, token_entropy, token_logprobs
 from posttrain.rollout.sync import SyncStats, iter_checkpoint_tensors, sync_weights
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "drift_stats",
     "iter_checkpoint_tensors",
     "sync_weights",
+    "token_entropy",
     "token_logprobs",
 ]

@@ -71,3 +71,24 @@ def drift_stats(
             "kl": float((ratio - 1 - log_ratio).mean()),
             "tokens": tokens,
         }
+
+
+def token_entropy(
+    logits: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Entropy of the distribution each completion token was sampled from, ``[B, L]``, in the layout of
+    ``token_logprobs``: the value at ``t`` is H(softmax(logits[t - 1] / temperature)), 0 outside the
+    completion. Differentiable; one ``[L, V]`` float32 block at a time."""
+    if logits.shape[:2] != completion_mask.shape:
+        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, completion_mask {tuple(completion_mask.shape)}")
+    scale = 1.0 / temperature if temperature > 0 else 1.0
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b, :-1].float() * scale
+        entropy = torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1)
+        rows.append(torch.cat([entropy.new_zeros(1), entropy]))
+    out = torch.stack(rows)
+    return out * completion_mask.to(out.dtype)

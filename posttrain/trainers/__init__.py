@@ -20,6 +20,7 @@ TRAINERS = {
     "rm": "posttrain.trainers.reward_model",
     "prm": "posttrain.trainers.reward_model",
     "grpo": "posttrain.trainers.grpo",
+    "ppo": "posttrain.trainers.ppo",
 }
 
 

@@ -52,11 +52,14 @@ class RunHarness:
         self.last_checkpoint: Path | None = None
         self.metrics: MetricsLogger | None = None
 
-    def restore(self, learner) -> dict[str, Any]:
-        """Load the learner, RNG and history from the resume checkpoint; returns its trainer state."""
+    def restore(self, learner, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load the learner (and the ``extra`` learners, by name), RNG and history from the resume
+        checkpoint; returns its trainer state."""
         if self.resume_from is None:
             return {}
         learner.load_state(str(self.resume_from / "state"))
+        for name, other in (extra or {}).items():
+            other.load_state(str(self.resume_from / f"{name}_state"))
         self.checkpointer.load_rng(self.resume_from)
         state = self.checkpointer.trainer_state(self.resume_from)
         self.history = state.get("history", {})
@@ -75,17 +78,30 @@ class RunHarness:
         assert self.metrics is not None, "open_metrics() first"
         self.metrics.log(step, metrics)
 
-    def save(self, step: int, learner, tokenizer, *, state: dict[str, Any] | None = None, model_kind: str = "causal_lm") -> Path:
-        """A complete checkpoint of ``learner`` at ``step``; collective."""
+    def save(self, step: int, learner, tokenizer, *, state: dict[str, Any] | None = None, model_kind: str = "causal_lm",
+             extra: dict[str, Any] | None = None) -> Path:
+        """A complete checkpoint of ``learner`` at ``step``; collective.
+
+        ``extra`` learners (e.g. ``{"critic": critic}``) are saved alongside: the Hugging Face model as
+        ``<name>/`` and the DeepSpeed state as ``<name>_state/``; ``restore(extra=...)`` reads them back.
+        """
         lora = self.cfg.model.lora
         scaling = lora.alpha / lora.r if lora.enabled else None
+        extra = extra or {}
 
         def write_model(directory: Path) -> None:
             save_hf_model(learner.module, directory, tokenizer=tokenizer, is_main=self.dist.is_main,
                           lora_scaling=scaling, save_merged=lora.save_merged)
+            for name, other in extra.items():
+                save_hf_model(other.module, directory, tokenizer=tokenizer, is_main=self.dist.is_main, name=name)
+
+        def write_state(directory: str | Path) -> None:
+            learner.save_state(str(directory))
+            for name, other in extra.items():
+                other.save_state(str(Path(directory).parent / f"{name}_state"))
 
         trainer_state = {"history": self.history, "model_kind": model_kind, **(state or {})}
-        self.last_checkpoint = self.checkpointer.save(step, trainer_state, write_model, learner.save_state)
+        self.last_checkpoint = self.checkpointer.save(step, trainer_state, write_model, write_state)
         return self.last_checkpoint
 
     def finish(self, summary: dict[str, Any], plot_groups: list[list[str]] | None = None) -> dict[str, Any]:

@@ -1,23 +1,39 @@
-"""Components shared by the online RL recipes (GRPO, PPO): prompts, rewards, evaluation.
+"""Components shared by the online RL recipes (GRPO, PPO).
 
-Each is a small function or object the recipes call from their own explicit
-loops; none owns a loop.
+  - ``OnlineSettings``: the settings every online recipe has (prompts per step, rewards and their
+    failure policy, prompt length, non-finite loss policy, evaluation, sync buckets);
+  - ``batch_plan`` / ``preflight``: the batch arithmetic and the cheap checks, before anything starts;
+  - ``OnlineRollouts``: prompts, the colocated vLLM engine, rewards, weight sync and evaluation;
+  - ``rollout_metrics``, ``guard_nonfinite``, ``train_loop``: the per-step bookkeeping.
+
+Each is a small function or object the recipes compose; the algorithm of a step (advantages,
+losses, updates) stays in the recipe.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from posttrain.config.schema import ConfigError, TrainConfig, doc
 from posttrain.data.formats import check_prompt_only
 from posttrain.data.loading import Row
 from posttrain.data.pipeline import load_examples
+from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import LengthReport, render_chat
+from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import DataError
+from posttrain.faults import maybe_kill, maybe_poison_loss
+from posttrain.models.loading import check_model_path, load_tokenizer
+from posttrain.trainers.common import check_finite_loss, check_output_dir
+from posttrain.trainers.harness import RunHarness, progress_bar, should_checkpoint
 
 log = logging.getLogger("posttrain")
 
@@ -86,3 +102,256 @@ def evaluate_generation(engine, rows: list[PromptRow], reward_set, *, n: int = 1
     passed = (finite.view(len(rows), n) >= 1.0).any(dim=1).float().mean().item()
     return {"reward": finite.mean().item(), f"pass@{n}": passed,
             "completion_tokens": batch.num_completion_tokens / max(len(batch), 1), **means}
+
+
+# Rewards whose score is a pass/fail verdict (1 = correct): their share of 1s is logged as `accuracy`.
+VERIFIER_REWARDS = ("math_verify", "unit_test")
+
+
+@dataclass
+class OnlineSettings:
+    """Settings every online RL recipe has; a recipe's section (``grpo:``, ``ppo:``) extends it."""
+
+    section: ClassVar[str] = "online"
+
+    prompts_per_step: int = doc(8, "Prompts per rollout step (over all ranks); each gets rollout.n samples.")
+    rewards: list[dict] = doc([{"name": "math_verify"}], "Rewards: [{name, weight, args}], by registry name, 'pkg.mod:fn' or './file.py:fn'.")
+    reward_rule: Literal["sum", "mean", "normalize"] = doc("sum", "How weighted rewards combine (docs/rewards.md).")
+    reward_on_error: Literal["fail", "zero"] = doc("fail", "A reward that raises, hangs or returns NaN: stop with an error naming it and the row, or score 0 and count it.")
+    reward_timeout: float = doc(120.0, "Seconds one reward call may take.")
+    max_prompt_length: int = doc(256, "Longest prompt in tokens; longer ones follow data.overlong (drop or error).")
+    nonfinite_loss: Literal["stop", "skip"] = doc("stop", "A non-finite loss: stop with an error (the last checkpoint stays intact), or skip: drop that micro-batch's gradient and count it (nonfinite_skipped).")
+    eval_prompts: int = doc(200, "Held-out prompts scored at each evaluation (greedy).")
+    sync_bucket_mb: int = doc(256, "Weight-sync bucket size in MiB (bounds the extra memory of a sync).")
+
+    def validate(self, source: str) -> None:
+        if not self.rewards:
+            raise ConfigError(f"{self.section}.rewards in {source} is empty; name at least one reward.")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"{self.section}.prompts_per_step in {source} must be at least 1, got {self.prompts_per_step}.")
+
+
+def batch_plan(settings: OnlineSettings, *, n: int, epochs: int, train: TrainConfig, world_size: int,
+               source: str) -> dict[str, int]:
+    """The batch arithmetic, checked up front with a message that says which numbers must divide which.
+
+    A rollout step holds ``prompts_per_step x n`` sequences; each optimisation epoch splits them into
+    mini-batches of ``train.global_batch_size`` sequences (one optimizer step each), run as micro-batches
+    of ``train.micro_batch_size`` per rank.
+    """
+    section = settings.section
+    sequences = settings.prompts_per_step * n
+    if train.max_steps is None:
+        raise ConfigError(f"train.max_steps is not set in {source}: online recipes run a number of rollout steps.")
+    if settings.prompts_per_step % world_size:
+        raise ConfigError(f"{section}.prompts_per_step ({settings.prompts_per_step}) in {source} must be a multiple of "
+                          f"the number of processes ({world_size}): each rank samples whole groups.")
+    if sequences % train.global_batch_size:
+        raise ConfigError(f"{section}.prompts_per_step x rollout.n = {sequences} sequences per rollout in {source} must "
+                          f"be a multiple of train.global_batch_size ({train.global_batch_size}), the sequences per "
+                          "optimizer step.")
+    per_rank = train.micro_batch_size * world_size
+    if train.global_batch_size % per_rank:
+        raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) in {source} must be a multiple of "
+                          f"train.micro_batch_size ({train.micro_batch_size}) x processes ({world_size}) = {per_rank}.")
+    mini_batches = sequences // train.global_batch_size
+    return {"sequences": sequences, "mini_batches": mini_batches, "grad_accum": train.global_batch_size // per_rank,
+            "optimizer_steps": train.max_steps * epochs * mini_batches}
+
+
+def build_rewards(settings: OnlineSettings):
+    """The recipe's ``RewardSet`` (resolves every reward name, path and argument)."""
+    from reward_models import RewardSet, RewardSpec
+
+    specs = [RewardSpec.from_dict(item, f"{settings.section}.rewards[{i}]") for i, item in enumerate(settings.rewards)]
+    return RewardSet(specs, rule=settings.reward_rule, on_error=settings.reward_on_error,
+                     timeout=settings.reward_timeout)
+
+
+def preflight(cfg, settings: OnlineSettings, plan: dict[str, int]) -> str:
+    """Cheap checks of an online recipe's model, output directory, prompts and rewards; a one-line report."""
+    check_model_path(cfg.model.path)
+    check_output_dir(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
+    train, evaluation, report, skipped = load_prompts(cfg.data, cfg.seed, tokenizer, settings.max_prompt_length)
+    if len(train) < settings.prompts_per_step:
+        raise DataError(f"{cfg.data.path}: {len(train)} prompts are fewer than {settings.section}.prompts_per_step "
+                        f"({settings.prompts_per_step}).")
+    build_rewards(settings).close()
+    return (f"{len(train)} train / {len(evaluation)} eval prompts ({report.summary()}; invalid rows skipped: "
+            f"{skipped or 'none'}); {plan['optimizer_steps']} optimizer steps")
+
+
+class OnlineRollouts:
+    """The rollout side of an online recipe: prompts, the colocated vLLM engine, rewards, sync, evaluation.
+
+    Every rank holds one and takes a contiguous share of each step's prompts (whole groups stay on one
+    rank). A prompt's sampling seed depends only on (run seed, step, its global position), so 1 or N
+    processes, and a resumed run, sample the same completions.
+    """
+
+    def __init__(self, cfg, settings: OnlineSettings, dist: DistInfo, tokenizer) -> None:
+        self.cfg, self.settings, self.dist, self.tokenizer = cfg, settings, dist, tokenizer
+        self.prompts, eval_prompts, self.report, self.skipped = load_prompts(cfg.data, cfg.seed, tokenizer,
+                                                                             settings.max_prompt_length)
+        self.eval_prompts = eval_prompts[: settings.eval_prompts]
+        self.sampler = GlobalBatchSampler(len(self.prompts), settings.prompts_per_step, seed=cfg.seed,
+                                          shuffle=cfg.data.shuffle)
+        self.rewards = build_rewards(settings)
+        self.verifier = next((label for label, reward in self.rewards.rewards.items()
+                              if getattr(reward, "name", None) in VERIFIER_REWARDS), None)
+        self.engine = None
+
+    def start_engine(self) -> None:
+        from posttrain.rollout import RolloutEngine
+
+        self.engine = RolloutEngine(self.cfg.rollout.model or self.cfg.model.path, self.cfg.rollout,
+                                    tokenizer=self.tokenizer)
+
+    def rows(self, step: int) -> list[PromptRow]:
+        """This rank's contiguous share of the step's prompts."""
+        share = self.settings.prompts_per_step // self.dist.world_size
+        (ids,) = self.sampler.micro_batches(step, self.dist.rank, self.dist.world_size, share)
+        return [self.prompts[i] for i in ids]
+
+    def generate(self, step: int, rows: list[PromptRow]):
+        """``rollout.n`` samples per prompt (a ``RolloutBatch``); the engine sleeps afterwards."""
+        n = self.cfg.rollout.n
+        # The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
+        # makes every prompt's seed depend only on (run seed, step, global position).
+        first = self.dist.rank * (self.settings.prompts_per_step // self.dist.world_size)
+        seed = self.cfg.seed * 1_000_003 + step * 100_003 + first * n
+        batch = self.engine.generate([r.prompt for r in rows], n=n, seed=seed)
+        self.engine.sleep()
+        return batch
+
+    def score(self, rows: list[PromptRow], batch) -> tuple[torch.Tensor, dict[str, float], Any]:
+        """Rewards [N] (NaN: unscored), per-reward means, raw scores; failures follow ``reward_on_error``."""
+        return score_samples(self.rewards, rows, batch)
+
+    def sync(self, learner):
+        """Stream the learner's weights into the engine (LoRA merged on the fly); returns ``SyncStats``."""
+        from posttrain.rollout import sync_weights
+
+        lora = self.cfg.model.lora
+        return sync_weights(self.engine, learner.module, bucket_bytes=self.settings.sync_bucket_mb * 2**20,
+                            lora_scaling=lora.alpha / lora.r if lora.enabled else None)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy generation on the held-out prompts (sharded over ranks), scored by the run's rewards."""
+        rows = self.eval_prompts[self.dist.rank :: self.dist.world_size]
+        local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0) if rows else {}
+        self.engine.sleep()
+        keys = ["reward", "pass@1", "completion_tokens"]
+        totals = all_reduce_sum([local.get(k, 0.0) * len(rows) for k in keys] + [float(len(rows))])
+        count = max(totals[-1], 1)
+        return {"accuracy" if k == "pass@1" else k: v / count for k, v in zip(keys, totals[:-1])}
+
+    def close(self) -> None:
+        """Stop the reward workers and the engine while the process group still exists (vLLM's own
+        exit hook would otherwise tear down its groups after ours are gone)."""
+        for part in ("rewards", "engine"):
+            if getattr(self, part, None) is not None:
+                getattr(self, part).close()
+
+
+def rollout_metrics(batch, rewards: torch.Tensor, reward_means: dict[str, float], scores, drift: dict,
+                    sync, timings: dict[str, float], verifier: str | None = None) -> dict[str, float]:
+    """The metrics every online recipe logs for a step, reduced over ranks: rewards, completion lengths and
+    truncation, sampler-vs-learner drift, sync and timings; with a ``verifier`` (the label of a pass/fail
+    reward), ``accuracy``: the share of its scored samples with a score of at least 1."""
+    finite = rewards[torch.isfinite(rewards)]
+    lengths = [len(s.completion_ids) for s in batch]
+    truncated = sum(s.finish_reason == "length" for s in batch)
+    empty = sum(not s.text.strip() for s in batch)  # scored like any text; usually 0 reward, kept in the loss
+    column = scores.scores.get(verifier, []) if verifier is not None else []
+    verdicts = [float(v >= 1.0) for v in column if v is not None and math.isfinite(v)]
+    sums = all_reduce_sum([finite.sum().item(), float(finite.numel()), float((finite * finite).sum().item()),
+                           float(sum(lengths)), float(len(batch)), float(truncated), float(len(scores.issues)),
+                           float(sum(verdicts)), float(len(verdicts)), float(empty)])
+    r_sum, r_count, r_sq, len_sum, count, trunc, issues, a_sum, a_count, empty = sums
+    mean = r_sum / max(r_count, 1)
+    metrics = {
+        "reward/mean": mean, "reward/std": math.sqrt(max(r_sq / max(r_count, 1) - mean * mean, 0.0)),
+        "reward/unscored": count - r_count, "reward/issues": issues, **reward_means,
+        "completion_tokens": len_sum / max(count, 1), "completion/truncated_share": trunc / max(count, 1),
+        "completion/empty_share": empty / max(count, 1),
+        **{f"drift/{k}": float(v) for k, v in drift.items()}, **sync.as_metrics(),
+        **{f"time/{k}_s": v for k, v in timings.items()},
+        "time/samples_per_s": count / max(timings["step"], 1e-9),
+        "time/sync_share": timings["sync"] / max(timings["step"], 1e-9),
+    }
+    if verifier is not None:
+        metrics["accuracy"] = a_sum / max(a_count, 1)
+    return metrics
+
+
+def guard_nonfinite(loss: torch.Tensor, policy: str, what: str, setting: str, *, step: int,
+                    last_checkpoint: Path | None) -> tuple[torch.Tensor, bool]:
+    """Apply the non-finite loss policy at (1-based) ``step``: ``stop`` raises ``TrainingDiverged`` naming the
+    step and the last checkpoint; ``skip`` returns a zero loss (this micro-batch's gradient is dropped) and
+    True, to be counted. ``setting`` names the recipe key, e.g. ``grpo.nonfinite_loss``.
+
+    Collective: every rank calls it for every micro-batch and all decide together (a rank that stopped alone
+    would leave the others waiting in the next all-reduce).
+    """
+    loss = maybe_poison_loss(step, loss)
+    if all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] == 0:
+        return loss, False
+    if policy == "stop":
+        check_finite_loss(math.nan, step, last_checkpoint, setting=setting)
+    return loss.nan_to_num(0.0, posinf=0.0, neginf=0.0) * 0.0, True
+
+
+def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, rl_step: Callable[[int], dict],
+               evaluate: Callable[[], dict], save: Callable[[int], None],
+               plot_groups: list[list[str]]) -> dict[str, Any]:
+    """The online loop around a recipe's ``rl_step``: evaluation at the start, every ``train.eval_every`` steps
+    and at the end; metrics every ``train.log_every`` steps; checkpoints; the fault hook; the summary."""
+    if run.start_step == 0:
+        run.history["eval_start"] = evaluate()
+        run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
+    progress = progress_bar(total_steps, run.start_step, dist.is_main and cfg.logging.progress)
+    started = time.perf_counter()
+    for step in range(run.start_step, total_steps):
+        metrics = rl_step(step)
+        done = step + 1
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps:
+            evaluation = evaluate()
+            metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
+            if done == total_steps:
+                run.history["eval_end"] = evaluation
+        if done % cfg.train.log_every == 0 or done == total_steps:
+            run.log(done, metrics)
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", sps=f"{metrics['time/samples_per_s']:.1f}")
+        if should_checkpoint(cfg, done, total_steps):
+            save(done)
+        maybe_kill(done)
+    progress.close()
+    start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
+    if dist.is_main and end:
+        log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
+    return run.finish({"steps": total_steps, "eval_start": start, "eval_end": end,
+                       "train_seconds": round(time.perf_counter() - started, 2)}, plot_groups)
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(learner, reference, tensors: dict[str, torch.Tensor], micro_batch_size: int,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The learner's log-probs of the sampled tokens before this step's updates (the PPO "old" policy) and
+    the frozen reference's (None without one), ``[B, L]`` in ``token_logprobs``' layout."""
+    from posttrain.rollout import token_logprobs
+
+    old, ref = [], []
+    learner.eval()
+    for start in range(0, tensors["input_ids"].shape[0], micro_batch_size):
+        part = {k: v[start : start + micro_batch_size] for k, v in tensors.items()}
+        logits = learner(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        old.append(token_logprobs(logits, part["input_ids"], part["completion_mask"], temperature=temperature))
+        if reference is not None:
+            ref_logits = reference.logits(part["input_ids"], part["attention_mask"])
+            ref.append(token_logprobs(ref_logits, part["input_ids"], part["completion_mask"], temperature=temperature))
+    learner.train()
+    return torch.cat(old), (torch.cat(ref) if ref else None)
