@@ -205,11 +205,250 @@ def print_dpo(result: dict) -> None:
     print(f"  {'ratio':12}{result['ratio']:>10.2f}   (target >= {result['target_ratio']})")
 
 
+# ----------------------------------------------------------------------------- grpo
+
+GRPO_LR = 1e-6  # small: the timing must not depend on what is learnt
+GRPO_SIDES = ("ours", "trl", "trl_vllm")
+
+
+def worker_grpo(args: argparse.Namespace) -> dict:
+    if args.worker == "ours":
+        return _grpo_ours(args)
+    return _grpo_trl(args, use_vllm=args.worker == "trl_vllm")
+
+
+def _grpo_overrides(args: argparse.Namespace, out: str) -> list[str]:
+    batch = args.prompts * args.n
+    return [f"model.path={args.model}", f"data.path={args.data}", "data.eval_path=null", "data.eval_fraction=0",
+            f"output_dir={out}", f"train.max_steps={args.steps + 1}", f"grpo.prompts_per_step={args.prompts}",
+            f"rollout.n={args.n}", f"rollout.max_tokens={args.max_tokens}", "rollout.temperature=1.0",
+            f"rollout.enforce_eager={str(args.eager).lower()}", f"train.global_batch_size={batch}",
+            f"train.micro_batch_size={batch}", f"learner.lr={GRPO_LR}", "learner.scheduler=constant",
+            "grpo.rewards=[{name: math_verify}]", "logging.progress=false", "logging.tensorboard=false",
+            "logging.plots=false", "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"seed={args.seed}"]
+
+
+def _grpo_ours(args: argparse.Namespace) -> dict:
+    """Timed GRPO steps of posttrain's recipe, then our rollout against a bare ``LLM.generate`` on its engine."""
+    from posttrain.config.loader import load_recipe
+    from posttrain.distributed import init_distributed
+    from posttrain.trainers.grpo import Recipe
+
+    with tempfile.TemporaryDirectory() as out:
+        recipe = Recipe(load_recipe(str(REPO / "recipes" / "grpo.yaml"), _grpo_overrides(args, out)), init_distributed())
+        recipe.setup()
+        try:
+            seconds, metrics = [], []
+            for step in range(args.steps + 1):
+                started = time.perf_counter()
+                metrics.append(recipe.rl_step(step))
+                seconds.append(time.perf_counter() - started)
+            rollout = _rollout_vs_bare_vllm(recipe, args)
+        finally:
+            recipe.cleanup()
+            recipe.run.finish({})
+    timed = metrics[1:]
+    samples = args.prompts * args.n * args.steps
+    parts = {k: sum(m[f"time/{k}_s"] for m in timed) / sum(seconds[1:]) for k in ("generate", "reward", "train", "sync")}
+    return {"samples_per_s": samples / sum(seconds[1:]), "seconds": sum(seconds[1:]), "samples": samples,
+            "completion_tokens": statistics.mean(m["completion_tokens"] for m in timed),
+            "shares": parts, "step_s": statistics.median(seconds[1:]), **rollout}
+
+
+def _rollout_vs_bare_vllm(recipe, args: argparse.Namespace, rounds: int = 5) -> dict:
+    """Seconds of ``RolloutEngine.generate`` and of bare ``vllm.LLM.generate`` calls on the same engine, prompts,
+    seeds and sampling parameters (alternating, medians); the bare call also without log-probs."""
+    from vllm import SamplingParams
+
+    engine, n = recipe.engine, args.n
+    prompts = [row.prompt for row in recipe.my_prompts(0)]
+    texts = [recipe.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+
+    def bare(seed: int, logprobs: int | None) -> tuple[float, int]:
+        params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=seed + i * n,
+                                 logprobs=logprobs) for i in range(len(texts))]
+        started = time.perf_counter()
+        outputs = engine.llm.generate(texts, params, use_tqdm=False)
+        return time.perf_counter() - started, sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+    times: dict[str, list[float]] = {"ours": [], "bare": [], "bare_plain": []}
+    tokens: dict[str, int] = {}
+    for r in range(rounds):
+        seed = 10_000 + r * 1_000
+        started = time.perf_counter()
+        batch = engine.generate(prompts, n=n, seed=seed, temperature=1.0, max_tokens=args.max_tokens)
+        times["ours"].append(time.perf_counter() - started)
+        tokens["ours"] = batch.num_completion_tokens
+        for name, logprobs in (("bare", 0), ("bare_plain", None)):
+            seconds, tokens[name] = bare(seed, logprobs)
+            times[name].append(seconds)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"rollout_s": median["ours"], "bare_vllm_s": median["bare"], "bare_vllm_plain_s": median["bare_plain"],
+            "rollout_tokens": tokens["ours"], "bare_vllm_tokens": tokens["bare"]}
+
+
+def _grpo_trl(args: argparse.Namespace, *, use_vllm: bool) -> dict:
+    import warnings
+
+    from transformers import TrainerCallback
+
+    from posttrain.compare.trl import grpo_trainer, read_jsonl
+    from reward_models import load_reward
+
+    warnings.filterwarnings("ignore")
+    verifier = load_reward("math_verify")
+    lengths: list[int] = []
+
+    def math_verify(prompts, completions, answer, completion_ids=None, **_):
+        lengths.extend(len(ids) for ids in completion_ids or [])
+        return list(verifier(prompts, completions, answer=answer))
+
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = grpo_trainer(args.model, rows, out, reward_funcs=[math_verify], num_generations=args.n,
+                               prompts_per_step=args.prompts, max_completion_length=args.max_tokens, lr=GRPO_LR,
+                               max_steps=args.steps + 1, seed=args.seed, use_vllm=use_vllm)
+        trainer.add_callback(StepClock())
+        try:
+            trainer.train()
+        finally:
+            verifier.close()
+    seconds = [b - a for a, b in zip(ends, ends[1:])][1:]  # the first (warm-up) step is left out
+    samples = args.prompts * args.n * len(seconds)
+    per_step = args.prompts * args.n
+    return {"samples_per_s": samples / sum(seconds), "seconds": sum(seconds), "samples": samples,
+            "completion_tokens": statistics.mean(lengths[per_step:]), "step_s": statistics.median(seconds)}
+
+
+def _grpo_side(side: str, common: list[str], threads: int | None) -> dict:
+    """One run of one side; a TRL side that cannot run here gives ``{"error": ...}`` instead of a number."""
+    try:
+        return run_worker("grpo", *common, "--worker", side, threads=threads)
+    except RuntimeError as err:
+        if side == "ours":
+            raise
+        return {"error": _last_error_line(str(err))}
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["unknown failure"])[-1][:400]
+
+
+def bench_grpo(args: argparse.Namespace) -> dict:
+    from posttrain.data.synthetic import write_task
+    from posttrain.models.tiny import make_tiny_model
+
+    sides = ("ours", "trl") + (("trl_vllm",) if args.trl_vllm else ())
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers,
+                                num_heads=args.hidden // 64, seed=0)
+        params = json.loads((model / "posttrain_tiny.json").read_text())["parameters"]
+        data = write_task("arithmetic", Path(tmp) / "data", train=max(200, args.prompts * (args.steps + 1)), test=0,
+                          seed=args.seed)["train"]
+        common = ["--model", str(model), "--data", str(data), "--steps", str(args.steps), "--prompts",
+                  str(args.prompts), "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
+        if args.eager:
+            common.append("--eager")
+        samples: dict[str, list[dict]] = {side: [] for side in sides}
+        for repeat in range(args.repeats):
+            for side in sides if repeat % 2 == 0 else sides[::-1]:
+                if samples[side] and "error" in samples[side][-1]:
+                    continue  # a side that failed once fails again: do not pay for it twice
+                samples[side].append(_grpo_side(side, common, args.threads))
+                shown = samples[side][-1]
+                print(f"  repeat {repeat + 1}/{args.repeats} {side:>8}: "
+                      + (f"{shown['samples_per_s']:8.1f} samples/s" if "error" not in shown else f"failed: {shown['error']}"),
+                      flush=True)
+    return grpo_result(args, samples, params)
+
+
+def _median(values: list[dict], key: str) -> float:
+    return statistics.median(v[key] for v in values)
+
+
+def grpo_result(args: argparse.Namespace, samples: dict[str, list[dict]], params: int) -> dict:
+    """The ``grpo`` section of the results file from every run of every side."""
+    import trl as trl_package
+    import vllm
+
+    ours = samples["ours"]
+    trl_runs = {side: [s for s in samples.get(side, []) if "error" not in s] for side in GRPO_SIDES[1:]}
+    result: dict = {"samples_per_s": round(_median(ours, "samples_per_s"), 2)}
+    notes = {}
+    for side, key in (("trl", "trl_samples_per_s"), ("trl_vllm", "trl_vllm_samples_per_s")):
+        if trl_runs[side]:
+            result[key] = round(_median(trl_runs[side], "samples_per_s"), 2)
+        elif samples.get(side):
+            notes[key] = samples[side][0]["error"]
+        else:
+            notes[key] = "not run (--no-trl-vllm)"
+    best = max((result[k] for k in ("trl_samples_per_s", "trl_vllm_samples_per_s") if k in result), default=None)
+    result["ratio_vs_best_trl"] = round(result["samples_per_s"] / best, 3) if best else None
+    rollout, bare = _median(ours, "rollout_s"), _median(ours, "bare_vllm_s")
+    result["rollout_vs_vllm"] = round(bare / rollout, 3)  # throughput ratio: same samples, seeds and tokens
+    result["rollout_vs_vllm_plain"] = round(_median(ours, "bare_vllm_plain_s") / rollout, 3)
+    result["sync_share"] = round(_median([s["shares"] for s in ours], "sync"), 4)
+    result["step_shares"] = {k: round(_median([s["shares"] for s in ours], k), 3)
+                             for k in ("generate", "reward", "train", "sync")}
+    result["completion_tokens"] = {side: round(_median(runs, "completion_tokens"), 1)
+                                   for side, runs in (("ours", ours), *trl_runs.items()) if runs}
+    result["targets"] = {"ratio_vs_best_trl": 2.0, "rollout_vs_vllm": 0.9, "sync_share_below": 0.05}
+    if notes:
+        result["notes"] = notes
+    result["settings"] = {
+        "model": f"tiny Llama, hidden {args.hidden}, {args.layers} layers, {params} parameters",
+        "data": "synthetic arithmetic prompts (posttrain.data.synthetic), chat format", "reward": "math_verify",
+        "prompts_per_step": args.prompts, "samples_per_prompt": args.n, "max_tokens": args.max_tokens,
+        "temperature": 1.0, "timed_steps": args.steps, "warmup_steps": 1, "precision": "fp32",
+        "optimizer_steps_per_rollout": 1, "reference_model": "none (beta 0)",
+        "vllm_enforce_eager": args.eager, "repeats": args.repeats, "threads": args.threads,
+        "trl": trl_package.__version__, "vllm": vllm.__version__,
+    }
+    result["samples"] = {side: [round(s["samples_per_s"], 2) if "error" not in s else None for s in runs]
+                         for side, runs in samples.items()}
+    result["machine"] = machine()
+    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    result["date"] = time.strftime("%Y-%m-%d")
+    return result
+
+
+def print_grpo(result: dict) -> None:
+    s = result["settings"]
+    print(f"\nGRPO samples/s ({s['model']}, {s['prompts_per_step']} prompts x {s['samples_per_prompt']} samples, "
+          f"{s['max_tokens']} tokens, fp32)")
+    rows = [("posttrain", result.get("samples_per_s")), ("TRL (HF generate)", result.get("trl_samples_per_s")),
+            ("TRL (vLLM colocate)", result.get("trl_vllm_samples_per_s"))]
+    for name, value in rows:
+        print(f"  {name:22}{value:>10.1f}" if value is not None else f"  {name:22}{'n/a':>10}")
+    ratio = result["ratio_vs_best_trl"]
+    print(f"  {'ratio vs best TRL':22}{ratio if ratio is not None else float('nan'):>10.2f}   (target >= 2)")
+    print(f"  {'rollout vs bare vLLM':22}{result['rollout_vs_vllm']:>10.2f}   (target >= 0.9; "
+          f"{result['rollout_vs_vllm_plain']:.2f} against generate without log-probs)")
+    print(f"  {'weight-sync share':22}{result['sync_share']:>10.3f}   (target < 0.05)")
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in result["step_shares"].items())
+    print(f"  step time: {shares}")
+    for key, note in result.get("notes", {}).items():
+        print(f"  {key}: {note}")
+
+
 # ----------------------------------------------------------------------------- command line
 
 COMMANDS = {
     # name: (benchmark, worker or None, printer)
     "dpo": (bench_dpo, worker_dpo, print_dpo),
+    "grpo": (bench_grpo, worker_grpo, print_grpo),
 }
 
 
@@ -229,7 +468,23 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on each side (OMP_NUM_THREADS)")
     dpo.add_argument("--model", help=argparse.SUPPRESS)
     dpo.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
-    for p in (dpo,):
+    grpo = sub.add_parser("grpo", help="GRPO samples/s against TRL's GRPOTrainer; rollout and sync overheads")
+    grpo.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
+    grpo.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
+    grpo.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    grpo.add_argument("--n", type=int, default=8, help="samples per prompt")
+    grpo.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+    grpo.add_argument("--hidden", type=int, default=256)
+    grpo.add_argument("--layers", type=int, default=4)
+    grpo.add_argument("--eager", action="store_true", help="our engine without torch.compile (TRL's colocate engine always compiles)")
+    grpo.add_argument("--no-trl-vllm", dest="trl_vllm", action="store_false",
+                      help="skip TRL with use_vllm=True, vllm_mode='colocate'")
+    grpo.add_argument("--seed", type=int, default=0)
+    grpo.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on each side (OMP_NUM_THREADS)")
+    grpo.add_argument("--model", help=argparse.SUPPRESS)
+    grpo.add_argument("--data", help=argparse.SUPPRESS)
+    grpo.add_argument("--worker", choices=GRPO_SIDES, help=argparse.SUPPRESS)
+    for p in (dpo, grpo):
         p.add_argument("--output", default=str(RESULTS), help="results file (sections are merged)")
     args = parser.parse_args(argv)
     bench, worker, show = COMMANDS[args.command]

@@ -13,14 +13,16 @@ def add_parser(subparsers) -> None:
         help="write a synthetic task (train.jsonl, test.jsonl) for quickstarts and tests",
         description="Write train.jsonl and test.jsonl (no question in both) for a synthetic task: "
         "arithmetic (`messages` for SFT, `prompt` for RL, `answer` for a verifiable reward), preference "
-        "(`prompt`, `chosen`, `rejected`: DPO, reward models), kto (`prompt`, `completion`, `label`) or "
-        "process (`prompt`, `completions`, `labels`: process reward models).",
+        "(`prompt`, `chosen`, `rejected`: DPO, reward models), kto (`prompt`, `completion`, `label`), "
+        "process (`prompt`, `completions`, `labels`: process reward models), code (`prompt`, `tests`, "
+        "`entry_point`: the unit_test reward) or instruct (`prompt`, `references`: the bleu reward); code and "
+        "instruct rows also carry `messages` with the reference answer, for SFT.",
     )
-    parser.add_argument("task", help="task name: arithmetic, preference, kto or process")
+    parser.add_argument("task", help="task name: arithmetic, preference, kto, process, code or instruct")
     parser.add_argument("out_dir", help="directory to write to")
     parser.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
     parser.add_argument("--test", type=int, default=200, help="held-out rows (default 200)")
-    parser.add_argument("--max-operand", type=int, default=20, help="largest operand (arithmetic, default 20)")
+    parser.add_argument("--max-operand", type=int, default=20, help="largest operand (arithmetic; code and instruct constants; default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 

@@ -36,3 +36,37 @@ def dpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, batch
     )
     return DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                       processing_class=tokenizer)
+
+
+def grpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, reward_funcs: list, num_generations: int,
+                 prompts_per_step: int, max_completion_length: int, lr: float, max_steps: int, seed: int = 0,
+                 temperature: float = 1.0, use_vllm: bool = False, vllm_kv_cache_gib: int = 1):
+    """A TRL ``GRPOTrainer`` on CPU in fp32 with posttrain's GRPO recipe settings.
+
+    One rollout of ``prompts_per_step`` prompts x ``num_generations`` samples per optimizer step (one
+    micro-batch, one iteration), no reference model (``beta=0``), clip 0.2 on both sides, token-mean loss
+    over the batch (TRL's ``dapo``), advantages scaled by the group's std. With ``use_vllm`` it samples with
+    a vLLM engine in its own process (``vllm_mode="colocate"``), whose CPU KV cache gets ``vllm_kv_cache_gib``.
+    """
+    import os
+
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    if use_vllm:  # vLLM's CPU default reserves a share of all memory and fails on busy machines (docs/rollout.md)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_kv_cache_gib)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    args = GRPOConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=prompts_per_step * num_generations,
+        gradient_accumulation_steps=1, num_generations=num_generations, max_completion_length=max_completion_length,
+        temperature=temperature, top_p=1.0, top_k=0, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        max_steps=max_steps, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        mask_truncated_completions=False, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
+        logging_steps=10**6, log_completions=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
+        disable_dropout=True, max_grad_norm=1.0, weight_decay=0.0, use_vllm=use_vllm, vllm_mode="colocate",
+        vllm_enable_sleep_mode=False,
+    )
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
+                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)

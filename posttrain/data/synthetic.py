@@ -14,6 +14,10 @@ phrasing in the trained format with the right sum.
 ``process`` (PRM): a sum of several terms worked out step by step, some steps
 wrong, each step labelled.
 
+``code`` (``unit_test`` reward) and ``instruct`` (``bleu`` reward, BLEUBERI) live in
+``synthetic_code`` and ``synthetic_instruct``; their rows also carry ``messages`` with the
+canonical answer, for SFT before RL.
+
 Train and test never share a question: questions with the same numbers count
 as the same question, whatever the phrasing.
 """
@@ -24,6 +28,9 @@ import json
 import random
 import re
 from pathlib import Path
+
+from posttrain.data.synthetic_code import code_rows
+from posttrain.data.synthetic_instruct import instruct_rows
 
 ANSWER_FORMAT = re.compile(r"^-?\d+ [+-] -?\d+ = -?\d+\. The answer is \\boxed\{-?\d+\}\.$")
 
@@ -122,7 +129,8 @@ def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows}
+TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows,
+         "code": code_rows, "instruct": instruct_rows}
 
 
 def question_key(row: dict) -> tuple[str, ...]:
@@ -130,18 +138,27 @@ def question_key(row: dict) -> tuple[str, ...]:
     return tuple(re.findall(r"\d+", json.dumps(row["prompt"])))
 
 
+def prompt_key(row: dict) -> tuple[str, ...]:
+    """The prompt itself (tasks whose questions differ by more than their numbers)."""
+    return (json.dumps(row["prompt"]),)
+
+
+TASK_KEYS = {"code": prompt_key, "instruct": prompt_key}
+
+
 def write_task(task: str, out_dir: str | Path, *, train: int, test: int, seed: int = 0, **kwargs) -> dict[str, Path]:
     """Write ``train.jsonl`` and ``test.jsonl`` (disjoint questions) for ``task``."""
+    key_of = TASK_KEYS.get(task, question_key)
     rows = TASKS[task](train + test * 3, seed=seed, **kwargs)
     seen, unique = set(), []
     for row in rows:  # keep test questions out of the training set
-        key = question_key(row)
+        key = key_of(row)
         if key not in seen:
             seen.add(key)
             unique.append(row)
     test_rows = unique[:test]
-    test_keys = {question_key(r) for r in test_rows}
-    train_rows = [r for r in TASKS[task](train * 2, seed=seed + 1, **kwargs) if question_key(r) not in test_keys]
+    test_keys = {key_of(r) for r in test_rows}
+    train_rows = [r for r in TASKS[task](train * 2, seed=seed + 1, **kwargs) if key_of(r) not in test_keys]
     train_rows = train_rows[:train]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

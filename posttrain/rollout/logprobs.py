@@ -22,25 +22,32 @@ def token_logprobs(
     completion_mask: torch.Tensor,
     *,
     temperature: float = 1.0,
+    chunk_elements: int = 1 << 24,
 ) -> torch.Tensor:
     """Log-prob of each completion token under ``softmax(logits / temperature)``, ``[B, L]``.
 
     ``logits``: ``[B, L, V]`` from a causal LM over ``input_ids`` (prompt +
     completion). Positions where ``completion_mask`` is 0 (prompt, padding)
-    are 0. Differentiable; computed one row at a time in float32 so the
-    extra memory is one ``[L, V]`` block, not ``[B, L, V]``.
+    are 0. Differentiable; computed in float32 a few rows at a time, so the
+    extra memory is about ``chunk_elements`` floats (at least one ``[L, V]``
+    row): bounded for large vocabularies, and few operations for small ones
+    (a loop over single rows costs more than the arithmetic on small models,
+    and far more on a CPU shared with other work).
     """
     if logits.shape[:2] != input_ids.shape or completion_mask.shape != input_ids.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
                          f"completion_mask {tuple(completion_mask.shape)}")
     scale = 1.0 / temperature if temperature > 0 else 1.0
-    rows = []
-    for b in range(logits.shape[0]):
-        row = logits[b, :-1].float() * scale  # predicts tokens 1..L-1
-        targets = input_ids[b, 1:].unsqueeze(-1)
-        picked = row.gather(-1, targets).squeeze(-1) - torch.logsumexp(row, dim=-1)
-        rows.append(torch.cat([picked.new_zeros(1), picked]))
-    out = torch.stack(rows)
+    rows_per_chunk = max(1, chunk_elements // max(logits.shape[1] * logits.shape[2], 1))
+    chunks = []
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        block = logits[start : start + rows_per_chunk, :-1].float()  # predicts tokens 1..L-1
+        if scale != 1.0:
+            block = block * scale
+        targets = input_ids[start : start + rows_per_chunk, 1:].unsqueeze(-1)
+        picked = block.gather(-1, targets).squeeze(-1) - torch.logsumexp(block, dim=-1)
+        chunks.append(torch.cat([picked.new_zeros(picked.shape[0], 1), picked], dim=1))
+    out = torch.cat(chunks)
     return out * completion_mask.to(out.dtype)
 
 

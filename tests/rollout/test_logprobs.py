@@ -65,3 +65,18 @@ def test_drift_stats_hand_computed():
     assert stats["kl"] == pytest.approx(sum(math.exp(d) - 1 - d for d in diffs) / 3)
     empty = drift_stats(sampler, learner, torch.zeros_like(mask))
     assert empty["tokens"] == 0 and empty["ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 6 * 11, 3 * 6 * 11, 1 << 24])
+def test_chunking_does_not_change_values_or_gradients(chunk_elements):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, 11, requires_grad=True)
+    input_ids = torch.randint(0, 11, (5, 6))
+    mask = torch.randint(0, 2, (5, 6))
+    reference = torch.stack([torch.cat([torch.zeros(1), torch.log_softmax(logits[b, :-1] / 0.7, -1)
+                                        .gather(-1, input_ids[b, 1:, None]).squeeze(-1)]) for b in range(5)]) * mask
+    out = token_logprobs(logits, input_ids, mask, temperature=0.7, chunk_elements=chunk_elements)
+    assert torch.allclose(out, reference, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    (expected,) = torch.autograd.grad(reference.sum(), logits)
+    assert torch.allclose(grad, expected, atol=1e-6)

@@ -1,0 +1,71 @@
+"""Plumbing of ``scripts/bench.py grpo``: how worker runs become the results section and the table.
+
+The workers themselves take minutes (engine start-up, three sides); this checks the arithmetic and the
+failure notes on made-up runs, in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ours_run(samples_per_s: float) -> dict:
+    return {"samples_per_s": samples_per_s, "completion_tokens": 32.0, "rollout_s": 2.0, "bare_vllm_s": 1.9,
+            "bare_vllm_plain_s": 1.8, "shares": {"generate": 0.5, "reward": 0.05, "train": 0.43, "sync": 0.02}}
+
+
+def args(**extra) -> argparse.Namespace:
+    values = {"prompts": 8, "n": 8, "max_tokens": 32, "steps": 4, "repeats": 3, "hidden": 256, "layers": 4,
+              "eager": False, "threads": 2}
+    return argparse.Namespace(**{**values, **extra})
+
+
+def test_grpo_result_takes_medians_and_compares_with_the_best_trl(bench, capsys):
+    samples = {"ours": [ours_run(10.0), ours_run(12.0), ours_run(30.0)],
+               "trl": [{"samples_per_s": 4.0, "completion_tokens": 31.0}] * 3,
+               "trl_vllm": [{"samples_per_s": 5.0, "completion_tokens": 31.5}, {"samples_per_s": 6.0,
+                                                                                "completion_tokens": 31.5}]}
+    result = bench.grpo_result(args(), samples, params=1000)
+    assert result["samples_per_s"] == 12.0 and result["trl_samples_per_s"] == 4.0
+    assert result["trl_vllm_samples_per_s"] == 5.5
+    assert result["ratio_vs_best_trl"] == pytest.approx(12.0 / 5.5, abs=1e-3)
+    assert result["rollout_vs_vllm"] == pytest.approx(0.95) and result["sync_share"] == 0.02
+    assert "notes" not in result and result["samples"]["ours"] == [10.0, 12.0, 30.0]
+    bench.print_grpo(result)
+    table = capsys.readouterr().out
+    assert "TRL (vLLM colocate)" in table and "2.18" in table
+
+
+def test_a_trl_side_that_cannot_run_is_a_note_not_a_number(bench, capsys):
+    failure = "RuntimeError: worker grpo failed:\n  ...\nValueError: vLLM colocate needs a GPU"
+    samples = {"ours": [ours_run(10.0)], "trl": [{"samples_per_s": 4.0, "completion_tokens": 31.0}],
+               "trl_vllm": [{"error": bench._last_error_line(failure)}]}
+    result = bench.grpo_result(args(), samples, params=1000)
+    assert "trl_vllm_samples_per_s" not in result
+    assert result["notes"]["trl_vllm_samples_per_s"] == "ValueError: vLLM colocate needs a GPU"
+    assert result["ratio_vs_best_trl"] == 2.5 and result["samples"]["trl_vllm"] == [None]
+    bench.print_grpo(result)
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_grpo_subcommand_is_registered(bench, capsys):
+    assert "grpo" in bench.COMMANDS
+    with pytest.raises(SystemExit) as done:
+        bench.main(["grpo", "--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--threads", "--repeats", "--no-trl-vllm", "--eager"):
+        assert option in usage
