@@ -156,6 +156,10 @@ def test_nonfinite_loss_stops_with_a_clear_error_or_is_skipped(tiny_model, arith
     # 16 samples, 2 mini-batches of 8, one micro-batch each: both of step 2 are dropped
     assert steps[1]["nonfinite_skipped"] == 0 and steps[2]["nonfinite_skipped"] == 2
     assert all(math.isfinite(r["loss"]) for r in steps.values())
+    from safetensors.torch import load_file  # a skipped micro-batch must leave the weights finite
+
+    weights = load_file(str(out / "checkpoints" / "last" / "model" / "model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
 
 
 def test_empty_completions_are_scored_counted_and_trained_on(tiny_model, arithmetic_data, tmp_path):

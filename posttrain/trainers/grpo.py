@@ -252,11 +252,13 @@ class Recipe:
                         loss = loss + algorithms.entropy_bonus(entropy, loss_mask[part], coef=g.entropy_coef,
                                                                loss_agg_mode=g.loss_agg, **agg)
                     loss, skipped = online.guard_nonfinite(loss, g.nonfinite_loss, "policy loss", "grpo.nonfinite_loss",
-                                                           step=step + 1, last_checkpoint=self.run.last_checkpoint)
+                                                           step=step + 1, last_checkpoint=self.run.last_checkpoint,
+                                                           anchor=logits)
                     sums["nonfinite"] += float(skipped) / dist.world_size  # all ranks skip together
                     self.learner.backward(loss)
                     self.learner.step()
-                    sums["loss"] += result.loss.item() / divisor
+                    if not skipped:
+                        sums["loss"] += result.loss.item() / divisor
                     # metrics are means over this micro-batch's loss tokens: weight them back to sums
                     sums["clipfrac"] += float(result.metrics.get("clipfrac", 0.0)) * loss_mask[part].sum().item()
                     sums["clip_tokens"] += loss_mask[part].sum().item()

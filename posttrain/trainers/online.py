@@ -288,10 +288,13 @@ def rollout_metrics(batch, rewards: torch.Tensor, reward_means: dict[str, float]
 
 
 def guard_nonfinite(loss: torch.Tensor, policy: str, what: str, setting: str, *, step: int,
-                    last_checkpoint: Path | None) -> tuple[torch.Tensor, bool]:
+                    last_checkpoint: Path | None, anchor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Apply the non-finite loss policy at (1-based) ``step``: ``stop`` raises ``TrainingDiverged`` naming the
-    step and the last checkpoint; ``skip`` returns a zero loss (this micro-batch's gradient is dropped) and
-    True, to be counted. ``setting`` names the recipe key, e.g. ``grpo.nonfinite_loss``.
+    step and the last checkpoint; ``skip`` returns a stand-in loss whose gradients are exact zeros, and True,
+    to be counted. ``setting`` names the recipe key, e.g. ``grpo.nonfinite_loss``.
+
+    The stand-in is ``anchor.sum() * 0`` (``anchor``: this micro-batch's logits or values), not the bad loss
+    times 0: back-propagating through a NaN gives NaN gradients even when multiplied by 0.
 
     Collective: every rank calls it for every micro-batch and all decide together (a rank that stopped alone
     would leave the others waiting in the next all-reduce).
@@ -301,7 +304,7 @@ def guard_nonfinite(loss: torch.Tensor, policy: str, what: str, setting: str, *,
         return loss, False
     if policy == "stop":
         check_finite_loss(math.nan, step, last_checkpoint, setting=setting)
-    return loss.nan_to_num(0.0, posinf=0.0, neginf=0.0) * 0.0, True
+    return anchor.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum() * 0.0, True
 
 
 def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, rl_step: Callable[[int], dict],

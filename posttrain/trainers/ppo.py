@@ -434,10 +434,12 @@ class Recipe:
                                                                 clip_range=p.value_clip, loss_agg_mode=p.loss_agg, **agg)
                     value_loss, skipped = online.guard_nonfinite(value_loss, p.nonfinite_loss, "value loss",
                                                                  "ppo.nonfinite_loss", step=step + 1,
-                                                                 last_checkpoint=self.run.last_checkpoint)
+                                                                 last_checkpoint=self.run.last_checkpoint,
+                                                                 anchor=values)
                     self.critic.backward(value_loss)
                     self.critic.step()
-                    sums["value_loss"] += value_loss.item() / divisor
+                    if not skipped:
+                        sums["value_loss"] += value_loss.item() / divisor
                     sums["nonfinite_skipped"] += float(skipped) / self.dist.world_size  # all ranks skip together
                     sums["vf_clipfrac"] += float(metrics.get("vf_clipfrac", 0.0)) * tokens
                     sums["tokens"] += tokens
@@ -469,10 +471,11 @@ class Recipe:
             with torch.no_grad():
                 entropy = token_entropy(logits.detach(), completion, temperature=temperature)
         loss, skipped = online.guard_nonfinite(loss, p.nonfinite_loss, "policy loss", "ppo.nonfinite_loss",
-                                               step=step + 1, last_checkpoint=self.run.last_checkpoint)
+                                               step=step + 1, last_checkpoint=self.run.last_checkpoint,
+                                               anchor=logits)
         self.learner.backward(loss)
         self.learner.step()
-        if torch.isfinite(result.loss):
+        if not skipped:
             sums["policy_loss"] += result.loss.item() / divisor
         sums["nonfinite_skipped"] += float(skipped) / self.dist.world_size
         # metrics are means over this micro-batch's loss tokens: weight them back to sums
