@@ -175,9 +175,10 @@ def preflight(cfg: Config, world_size: int, source: str) -> str:
 def load_critic(cfg: Config, pad_token_id: int | None) -> torch.nn.Module:
     """The value model: ``AutoModelForTokenClassification`` with one label and no dropout.
 
-    From the policy checkpoint the value head is new (seeded by the caller). From a reward model
-    (``AutoModelForSequenceClassification``, 1 label, ``score`` without bias) the backbone and the
-    ``score`` head load unchanged, and the head is applied at every position instead of the last.
+    From the policy checkpoint the value head is new and starts at zero, so every first value is 0 --
+    the mean of normalised scores -- rather than noise that would steer the first policy updates. From a
+    reward model (``AutoModelForSequenceClassification``, 1 label, ``score`` without bias) the backbone and
+    the ``score`` head load unchanged, and the head is applied at every position instead of the last.
     """
     from transformers import AutoConfig, AutoModelForTokenClassification
 
@@ -194,6 +195,11 @@ def load_critic(cfg: Config, pad_token_id: int | None) -> torch.nn.Module:
                                                                 trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load {path!r} as a value model: {err}") from None
+    if critic.init == "policy":
+        with torch.no_grad():
+            model.score.weight.zero_()
+            if model.score.bias is not None:
+                model.score.bias.zero_()
     model.config.pad_token_id = pad_token_id
     model.config.architectures = [type(model).__name__]
     if cfg.model.gradient_checkpointing:
