@@ -27,10 +27,10 @@ def read_rows(path: Path) -> list[dict]:
 def score_with_recipe(recipe: Path, rows: list[dict], completions: list, overrides: tuple[str, ...] = ()):
     """Score ``completions`` of ``rows`` with the rewards the recipe configures (``BatchScores``)."""
     from posttrain.config.loader import load_recipe
-    from posttrain.trainers.grpo import build_rewards
+    from posttrain.trainers.online import build_rewards
 
     columns = sorted({k for r in rows for k in r} - {"prompt", "messages"})
-    with build_rewards(load_recipe(recipe, list(overrides))) as rewards:
+    with build_rewards(load_recipe(recipe, list(overrides)).grpo) as rewards:
         return rewards.score([r["prompt"] for r in rows], completions, **{k: [r.get(k) for r in rows] for k in columns})
 
 
