@@ -27,10 +27,13 @@ def read_rows(path: Path) -> list[dict]:
 def score_with_recipe(recipe: Path, rows: list[dict], completions: list, overrides: tuple[str, ...] = ()):
     """Score ``completions`` of ``rows`` with the rewards the recipe configures (``BatchScores``)."""
     from posttrain.config.loader import load_recipe
-    from posttrain.trainers.grpo import build_rewards
+    from posttrain.trainers import grpo, online
 
+    cfg = load_recipe(recipe, list(overrides))
+    # the online recipes' shared components may hold build_rewards (settings) or grpo may (the whole config)
+    rewards = online.build_rewards(cfg.grpo) if hasattr(online, "build_rewards") else grpo.build_rewards(cfg)
     columns = sorted({k for r in rows for k in r} - {"prompt", "messages"})
-    with build_rewards(load_recipe(recipe, list(overrides))) as rewards:
+    with rewards:
         return rewards.score([r["prompt"] for r in rows], completions, **{k: [r.get(k) for r in rows] for k in columns})
 
 
