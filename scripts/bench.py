@@ -244,6 +244,7 @@ def _grpo_ours(args: argparse.Namespace) -> dict:
                 metrics.append(recipe.rl_step(step))
                 seconds.append(time.perf_counter() - started)
             rollout = _rollout_vs_bare_vllm(recipe, args)
+            rollout["pure_train_s"] = _pure_train_seconds(recipe, args)
         finally:
             recipe.cleanup()
             recipe.run.finish({})
@@ -255,13 +256,48 @@ def _grpo_ours(args: argparse.Namespace) -> dict:
             "shares": parts, "step_s": statistics.median(seconds[1:]), **rollout}
 
 
+def _engine_and_prompts(recipe) -> tuple:
+    """The recipe's engine and its first step's prompts (the engine sits in ``recipe.rollouts`` where the
+    online recipes share their rollout side)."""
+    rollouts = getattr(recipe, "rollouts", None)
+    if rollouts is not None:
+        return rollouts.engine, [row.prompt for row in rollouts.rows(0)]
+    return recipe.engine, [row.prompt for row in recipe.my_prompts(0)]
+
+
+def _pure_train_seconds(recipe, args: argparse.Namespace, rounds: int = 3) -> float:
+    """Median seconds of one plain-torch update on a step's batch: forward, log-probs of the completion
+    tokens, backward, clipping, AdamW -- what any GRPO step must do; with a bare generate, the step's bound."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine, prompts = _engine_and_prompts(recipe)
+    tensors = engine.generate(prompts, n=args.n, seed=1, temperature=1.0, max_tokens=args.max_tokens).collate(
+        recipe.tokenizer.pad_token_id)
+    ids, mask = tensors["input_ids"], tensors["completion_mask"][:, 1:].float()
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=GRPO_LR)
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=tensors["attention_mask"]).logits[:, :-1]
+        picked = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        loss = -(picked * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def _rollout_vs_bare_vllm(recipe, args: argparse.Namespace, rounds: int = 5) -> dict:
     """Seconds of ``RolloutEngine.generate`` and of bare ``vllm.LLM.generate`` calls on the same engine, prompts,
     seeds and sampling parameters (alternating, medians); the bare call also without log-probs."""
     from vllm import SamplingParams
 
-    engine, n = recipe.engine, args.n
-    prompts = [row.prompt for row in recipe.my_prompts(0)]
+    engine, prompts = _engine_and_prompts(recipe)
+    n = args.n
     texts = [recipe.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
 
     def bare(seed: int, logprobs: int | None) -> tuple[float, int]:
@@ -350,6 +386,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     from posttrain.data.synthetic import write_task
     from posttrain.models.tiny import make_tiny_model
 
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]
     sides = ("ours", "trl") + (("trl_vllm",) if args.trl_vllm else ())
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers,
@@ -399,12 +436,18 @@ def grpo_result(args: argparse.Namespace, samples: dict[str, list[dict]], params
     rollout, bare = _median(ours, "rollout_s"), _median(ours, "bare_vllm_s")
     result["rollout_vs_vllm"] = round(bare / rollout, 3)  # throughput ratio: same samples, seeds and tokens
     result["rollout_vs_vllm_plain"] = round(_median(ours, "bare_vllm_plain_s") / rollout, 3)
+    # same seeds, so the same completions: equal token counts show both calls did the same work
+    result["rollout_same_tokens"] = all(s.get("rollout_tokens") == s.get("bare_vllm_tokens") for s in ours)
     result["sync_share"] = round(_median([s["shares"] for s in ours], "sync"), 4)
+    if all("pure_train_s" in s for s in ours):  # DESIGN's bound: step time ~ pure generate + pure train
+        result["step_vs_bound"] = round(statistics.median(s["step_s"] / (s["bare_vllm_s"] + s["pure_train_s"])
+                                                          for s in ours), 3)
     result["step_shares"] = {k: round(_median([s["shares"] for s in ours], k), 3)
                              for k in ("generate", "reward", "train", "sync")}
     result["completion_tokens"] = {side: round(_median(runs, "completion_tokens"), 1)
                                    for side, runs in (("ours", ours), *trl_runs.items()) if runs}
-    result["targets"] = {"ratio_vs_best_trl": 2.0, "rollout_vs_vllm": 0.9, "sync_share_below": 0.05}
+    result["targets"] = {"ratio_vs_best_trl": 2.0, "rollout_vs_vllm": 0.9, "sync_share_below": 0.05,
+                         "step_vs_bound_at_most": 1.2}
     if notes:
         result["notes"] = notes
     result["settings"] = {
@@ -419,7 +462,8 @@ def grpo_result(args: argparse.Namespace, samples: dict[str, list[dict]], params
     result["samples"] = {side: [round(s["samples_per_s"], 2) if "error" not in s else None for s in runs]
                          for side, runs in samples.items()}
     result["machine"] = machine()
-    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    result["load_average"] = {"start": getattr(args, "load_at_start", None),
+                              "end": [round(x, 2) for x in os.getloadavg()]}
     result["date"] = time.strftime("%Y-%m-%d")
     return result
 
@@ -437,6 +481,8 @@ def print_grpo(result: dict) -> None:
     print(f"  {'rollout vs bare vLLM':22}{result['rollout_vs_vllm']:>10.2f}   (target >= 0.9; "
           f"{result['rollout_vs_vllm_plain']:.2f} against generate without log-probs)")
     print(f"  {'weight-sync share':22}{result['sync_share']:>10.3f}   (target < 0.05)")
+    if "step_vs_bound" in result:
+        print(f"  {'step / (bare generate + pure train)':22}  {result['step_vs_bound']:.2f}   (target <= 1.2)")
     shares = ", ".join(f"{k} {v:.0%}" for k, v in result["step_shares"].items())
     print(f"  step time: {shares}")
     for key, note in result.get("notes", {}).items():

@@ -24,6 +24,7 @@ def bench():
 
 def ours_run(samples_per_s: float) -> dict:
     return {"samples_per_s": samples_per_s, "completion_tokens": 32.0, "rollout_s": 2.0, "bare_vllm_s": 1.9,
+            "rollout_tokens": 2000, "bare_vllm_tokens": 2000, "step_s": 3.48, "pure_train_s": 1.0,
             "bare_vllm_plain_s": 1.8, "shares": {"generate": 0.5, "reward": 0.05, "train": 0.43, "sync": 0.02}}
 
 
@@ -43,6 +44,7 @@ def test_grpo_result_takes_medians_and_compares_with_the_best_trl(bench, capsys)
     assert result["trl_vllm_samples_per_s"] == 5.5
     assert result["ratio_vs_best_trl"] == pytest.approx(12.0 / 5.5, abs=1e-3)
     assert result["rollout_vs_vllm"] == pytest.approx(0.95) and result["sync_share"] == 0.02
+    assert result["rollout_same_tokens"] and result["step_vs_bound"] == pytest.approx(1.2)
     assert "notes" not in result and result["samples"]["ours"] == [10.0, 12.0, 30.0]
     bench.print_grpo(result)
     table = capsys.readouterr().out
