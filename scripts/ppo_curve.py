@@ -53,7 +53,7 @@ def table(records: list[dict], window: int) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], out: Path, window: int, title: str) -> None:
+def plot(records: list[dict], out: Path, window: int, title: str, baseline: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,11 +68,13 @@ def plot(records: list[dict], out: Path, window: int, title: str) -> None:
     ax.plot(x, moving_average(reward, window), color="tab:blue", label=f"training reward ({window}-step mean)")
     ax.plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "o-", color="tab:orange",
             label="held-out accuracy (greedy)")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", label="starting model, sampled, training prompts")
     ax.set_xlabel("rollout step")
     ax.set_ylabel("math_verify reward / accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right", fontsize="small")
     ax.set_title(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "img" / "ppo_reward.png"))
     parser.add_argument("--window", type=int, default=10, help="steps averaged for the smoothed curve and the table")
     parser.add_argument("--title", default="PPO on the arithmetic task (tiny model, CPU)")
+    parser.add_argument("--baseline", type=float, default=None,
+                        help="the starting model's expected training reward, drawn as a line (e.g. from "
+                             "`posttrain eval MODEL train.jsonl -n 4 --temperature 1`)")
     args = parser.parse_args(argv)
     metrics = Path(args.run) / "metrics.jsonl"
     if not metrics.is_file():
         print(f"no {metrics}: run `posttrain run recipes/ppo.yaml` first", file=sys.stderr)
         return 2
     records = read(metrics)
-    plot(records, Path(args.out), args.window, args.title)
+    plot(records, Path(args.out), args.window, args.title, args.baseline)
     print(f"wrote {args.out}\n")
     print(table(records, args.window))
     return 0

@@ -167,7 +167,7 @@ class Recipe:
         timings["generate"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        rewards, reward_means, scores = self.rollouts.score(rows, batch)
+        rewards, scores = self.rollouts.score(rows, batch)
         timings["reward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -197,7 +197,7 @@ class Recipe:
         sync = self.rollouts.sync(self.learner)
         timings["sync"] = time.perf_counter() - t3
         timings["step"] = time.perf_counter() - t0
-        metrics = online.rollout_metrics(batch, rewards, reward_means, scores, drift, sync, timings,
+        metrics = online.rollout_metrics(batch, rewards, scores, drift, sync, timings,
                                          verifier=self.rollouts.verifier)
         dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
         metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": update["kl"],

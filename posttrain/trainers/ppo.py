@@ -314,7 +314,7 @@ class Recipe:
         timings["generate"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        scores, reward_means, raw_scores = self.rollouts.score(rows, batch)
+        scores, raw_scores = self.rollouts.score(rows, batch)
         timings["reward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -350,7 +350,7 @@ class Recipe:
         timings["sync"] = time.perf_counter() - t3
         timings["step"] = time.perf_counter() - t0
 
-        metrics = online.rollout_metrics(batch, scores, reward_means, raw_scores, drift, sync, timings,
+        metrics = online.rollout_metrics(batch, scores, raw_scores, drift, sync, timings,
                                          verifier=self.rollouts.verifier)
         seq_kl = algorithms.masked_sum(token_kl, loss_mask, dim=-1)
         scored = loss_mask.sum(-1) > 0
