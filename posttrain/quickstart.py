@@ -2,12 +2,17 @@
 
 ``scripts/quickstart.sh`` runs ``python -m posttrain.quickstart``. Stages:
   1. build a tiny Llama-style model and tokenizer (no hub needed);
-  2. write the synthetic arithmetic task ("What is a + b?"; train and held-out test never share a question);
-  3. a short SFT warm start with ``recipes/sft.yaml`` on DeepSpeed: it learns the answer format and some sums;
-  4. GRPO with ``recipes/grpo.yaml``: vLLM samples 8 answers per prompt, the ``math_verify`` reward scores
-     them, the DeepSpeed learner trains, the new weights are synced into vLLM, every step;
+  2. write the synthetic ``largest`` task ("What is the largest of 24, 48, 26 and 2?") in three disjoint
+     sets of questions: one for the SFT warm start, one for RL, and a held-out test set;
+  3. a short SFT warm start with ``recipes/sft.yaml`` on DeepSpeed (one pass over its questions): it learns
+     the answer format and a little of the skill;
+  4. GRPO with ``recipes/grpo.yaml`` on the RL questions: vLLM samples 8 answers per prompt, the
+     ``math_verify`` reward scores them, the DeepSpeed learner trains, the new weights are synced into vLLM,
+     every step;
   5. load the SFT and the GRPO checkpoints with plain transformers, answer every held-out question
      greedily, and report accuracy before (SFT start) and after (GRPO).
+RL prompts are not the SFT questions, so RL cannot just replay what SFT memorised: to raise its reward it
+has to get better at the skill, which is what shows on the held-out questions.
 Everything lands in ``runs/quickstart/``; ``summary.json`` holds the numbers (``accuracy_before``,
 ``accuracy_after``), ``plots/`` the curves.
 """
@@ -28,6 +33,13 @@ from posttrain.distributed import configure_environment
 REPO = Path(__file__).resolve().parents[1]
 
 # Curves copied into runs/quickstart/plots (the trainers write more in their own plots/ folders).
+# The task and its three disjoint question sets (posttrain.data.synthetic).
+TASK = "largest"
+SFT_QUESTIONS = 1000  # one pass: the format and a little of the skill
+RL_QUESTIONS = 3000
+TEST_QUESTIONS = 200
+SFT_EPOCHS = 1
+
 GRPO_PLOTS = ("reward-mean_eval-reward.png", "eval-accuracy.png", "kl.png", "time-samples_per_s.png")
 
 
@@ -52,14 +64,13 @@ def greedy_completions(model_dir: str | Path, prompts: list, *, max_new_tokens: 
     return outputs
 
 
-def score_arithmetic(completions: list[str], answers: list[str]) -> dict:
-    """Share of completions in the training format, and share whose last ``\\boxed{}`` holds the answer."""
+def score_answers(completions: list[str], answers: list[str], answer_format) -> dict:
+    """Share of completions matching ``answer_format`` (the trained format), and share whose last
+    ``\\boxed{}`` holds the answer."""
     import re
 
-    from posttrain.data.synthetic import ANSWER_FORMAT
-
     boxed = re.compile(r"\\boxed\{(-?\d+)\}")
-    fmt = sum(bool(ANSWER_FORMAT.match(c.strip())) for c in completions)
+    fmt = sum(bool(answer_format.match(c.strip())) for c in completions)
     correct = 0
     for completion, answer in zip(completions, answers):
         found = boxed.findall(completion)
@@ -68,8 +79,33 @@ def score_arithmetic(completions: list[str], answers: list[str]) -> dict:
     return {"format": fmt / n, "accuracy": correct / n}
 
 
-def held_out_scores(model_dir: Path, test: list[dict]) -> dict:
-    return score_arithmetic(greedy_completions(model_dir, [r["prompt"] for r in test]), [r["answer"] for r in test])
+def score_arithmetic(completions: list[str], answers: list[str]) -> dict:
+    """``score_answers`` in the arithmetic task's format."""
+    from posttrain.data.synthetic import ANSWER_FORMATS
+
+    return score_answers(completions, answers, ANSWER_FORMATS["arithmetic"])
+
+
+def held_out_scores(model_dir: Path, test: list[dict], task: str = TASK) -> dict:
+    from posttrain.data.synthetic import ANSWER_FORMATS
+
+    completions = greedy_completions(model_dir, [r["prompt"] for r in test])
+    return score_answers(completions, [r["answer"] for r in test], ANSWER_FORMATS[task])
+
+
+def write_quickstart_data(out_dir: Path, seed: int) -> dict[str, Path]:
+    """``sft.jsonl``, ``rl.jsonl`` and ``test.jsonl``: three sets of questions, no question in two of them."""
+    from posttrain.data.synthetic import question_key, write_task
+
+    paths = write_task(TASK, out_dir, train=SFT_QUESTIONS + RL_QUESTIONS, test=TEST_QUESTIONS, seed=seed)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    sft = rows[:SFT_QUESTIONS]
+    seen = {question_key(r) for r in sft}
+    rl = [r for r in rows[SFT_QUESTIONS:] if question_key(r) not in seen]
+    for name, part in (("sft", sft), ("rl", rl)):
+        paths[name] = out_dir / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+    return paths
 
 
 def run_stage(recipe: str, overrides: list[str], log_path: Path) -> dict:
@@ -117,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from posttrain.cli.main import print_user_error
     from posttrain.data.loading import load_rows
-    from posttrain.data.synthetic import write_task
     from posttrain.errors import UserError
     from posttrain.models.tiny import make_tiny_model
 
@@ -129,24 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         if not (model_dir / "config.json").is_file():
             print(f"[quickstart] building a tiny model in {model_dir}")
             make_tiny_model(model_dir, seed=args.seed)
-        data = write_task("arithmetic", out / "data", train=2000, test=200, seed=args.seed)
+        data = write_quickstart_data(out / "data", args.seed)
         test = [r.data for r in load_rows(str(data["test"]))]
 
-        print("[quickstart] 1/2 supervised warm start (recipes/sft.yaml)")
+        print(f"[quickstart] 1/2 supervised warm start on {SFT_QUESTIONS} questions (recipes/sft.yaml)")
         sft = run_stage("sft.yaml", [f"output_dir={out / 'sft'}", f"model.path={model_dir}",
-                                     f"data.path={data['train']}", f"seed={args.seed}", "overwrite=true",
-                                     "logging.progress=false"], out / "sft.log")
+                                     f"data.path={data['sft']}", f"seed={args.seed}", "overwrite=true",
+                                     f"train.epochs={SFT_EPOCHS}", "logging.progress=false"], out / "sft.log")
         sft_model = Path(sft["checkpoint"]) / "model"
-        summary: dict = {"held_out_prompts": len(test), "sft_train_seconds": sft.get("train_seconds")}
+        summary: dict = {"task": TASK, "sft_questions": SFT_QUESTIONS, "rl_questions": RL_QUESTIONS,
+                         "held_out_prompts": len(test), "sft_train_seconds": sft.get("train_seconds")}
         for key, model in (("init", model_dir), ("before", sft_model)):
             scores = held_out_scores(model, test)
             summary[f"format_{key}"], summary[f"accuracy_{key}"] = scores["format"], scores["accuracy"]
         print(f"[quickstart]     SFT done: held-out accuracy {summary['accuracy_before']:.0%}")
 
         if not args.skip_rl:
-            print("[quickstart] 2/2 GRPO with vLLM rollouts and the math_verify reward (recipes/grpo.yaml); "
+            print(f"[quickstart] 2/2 GRPO on {RL_QUESTIONS} other questions, vLLM rollouts, math_verify reward "
+                  "(recipes/grpo.yaml); "
                   f"progress in {out / 'grpo.log'}")
-            overrides = [f"output_dir={out / 'grpo'}", f"model.path={sft_model}", f"data.path={data['train']}",
+            overrides = [f"output_dir={out / 'grpo'}", f"model.path={sft_model}", f"data.path={data['rl']}",
                          f"data.eval_path={data['test']}", f"seed={args.seed}", "overwrite=true"]
             if args.grpo_steps:
                 overrides.append(f"train.max_steps={args.grpo_steps}")

@@ -4,6 +4,11 @@
 Each row carries ``messages`` (SFT), ``prompt`` (a user turn, for RL) and
 ``answer`` (for the ``math_verify`` reward), so one file serves every stage.
 
+``largest``: "What is the largest of 24, 48, 26 and 2?" answered as "The largest is 48.
+The answer is \\boxed{48}." (four distinct numbers up to ``max_operand``, default 50). The
+RL quickstart's task: the skill (compare magnitudes, copy the winner) carries over to
+questions never seen, so what RL learns on its prompts shows on held-out ones.
+
 ``preference`` (DPO, reward models) and ``kto`` (unpaired) ask the same sums in
 several phrasings, most of which the arithmetic SFT data never uses; the
 right answer is in the SFT format, the wrong ones are what a small model
@@ -34,6 +39,11 @@ from posttrain.data.synthetic_instruct import instruct_rows
 
 ANSWER_FORMAT = re.compile(r"^-?\d+ [+-] -?\d+ = -?\d+\. The answer is \\boxed\{-?\d+\}\.$")
 
+LARGEST_FORMAT = re.compile(r"^The largest is -?\d+\. The answer is \\boxed\{-?\d+\}\.$")
+
+# What a completion in the trained format looks like, per task (the quickstart reports the share).
+ANSWER_FORMATS = {"arithmetic": ANSWER_FORMAT, "largest": LARGEST_FORMAT}
+
 QUESTION_PHRASINGS = ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What is the sum of {a} and {b}?",
                       "{a} + {b} = ?")
 
@@ -52,6 +62,24 @@ def arithmetic_row(rng: random.Random, max_operand: int) -> dict:
 def arithmetic_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     rng = random.Random(seed)
     return [arithmetic_row(rng, max_operand) for _ in range(n)]
+
+
+def largest_row(rng: random.Random, max_operand: int, count: int = 4) -> dict:
+    numbers = rng.sample(range(max_operand + 1), count)
+    listed = ", ".join(str(x) for x in numbers[:-1]) + f" and {numbers[-1]}"
+    question = f"What is the largest of {listed}?"
+    top = max(numbers)
+    answer = f"The largest is {top}. The answer is \\boxed{{{top}}}."
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        "prompt": [{"role": "user", "content": question}],
+        "answer": str(top),
+    }
+
+
+def largest_rows(n: int, *, seed: int = 0, max_operand: int = 50) -> list[dict]:
+    rng = random.Random(seed)
+    return [largest_row(rng, max_operand) for _ in range(n)]
 
 
 def _right_answer(a: int, b: int) -> str:
@@ -129,7 +157,7 @@ def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows,
+TASKS = {"arithmetic": arithmetic_rows, "largest": largest_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows,
          "code": code_rows, "instruct": instruct_rows}
 
 

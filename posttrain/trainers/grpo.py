@@ -173,9 +173,11 @@ class Recipe:
         t2 = time.perf_counter()
         tensors = batch.collate(self.tokenizer.pad_token_id)
         mask = tensors["completion_mask"].float()
+        single_pass = self._single_pass()
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
                                                                  cfg.train.micro_batch_size,
-                                                                 max(cfg.rollout.temperature, 1e-6))
+                                                                 max(cfg.rollout.temperature, 1e-6),
+                                                                 need_old=not single_pass)
         if g.kl_coef and g.kl_in == "reward":
             penalty = algorithms.sequence_kl(g.kl_estimator, old_logprobs, ref_logprobs, mask)
             rewards = rewards - g.kl_coef * penalty
@@ -184,13 +186,13 @@ class Recipe:
         if g.dynamic_sampling:
             keep = algorithms.dynamic_sampling_mask(rewards, n)
         loss_mask = mask * keep[:, None].float()
-        weights = None
-        drift = drift_stats(tensors["sampler_logprobs"], old_logprobs, mask)
+        weights, tis_metrics = None, {}
         if g.tis_cap is not None:
             tis = algorithms.truncated_importance_weights(old_logprobs, tensors["sampler_logprobs"], mask, clip_max=g.tis_cap)
-            weights = tis.weights
-            drift.update({f"tis_{k}": float(v) for k, v in tis.metrics.items()})
+            weights, tis_metrics = tis.weights, {f"tis_{k}": float(v) for k, v in tis.metrics.items()}
         update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
+        learner_logprobs = update.pop("first_logprobs") if single_pass else old_logprobs
+        drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
         timings["train"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -206,6 +208,19 @@ class Recipe:
         if self.learner.grad_norm is not None:
             metrics["grad_norm"] = self.learner.grad_norm
         return metrics
+
+    def _single_pass(self) -> bool:
+        """Whether the update's own forward can stand in for the "old" log-probs forward.
+
+        With one epoch and one mini-batch, every micro-batch's forward runs on the weights that sampled (the
+        optimizer steps once, after the last one), so its detached log-probs *are* the old log-probs: the
+        ratio is exactly 1 and the gradient is the same, one forward fewer per step (TRL does the same).
+        Truncated importance sampling and a KL penalty in the reward need the old log-probs before the
+        update, so they keep the separate forward.
+        """
+        g = self.cfg.grpo
+        return (g.epochs == 1 and self.plan["mini_batches"] == 1 and g.tis_cap is None
+                and not (g.kl_coef and g.kl_in == "reward"))
 
     def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int) -> torch.Tensor:
         g = self.cfg.grpo
@@ -224,7 +239,8 @@ class Recipe:
         token_adv = advantages[:, None].expand_as(loss_mask).nan_to_num(0.0)
         sums = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "clip_tokens": 0.0, "nonfinite": 0.0}
         updates = 0
-        for _epoch in range(g.epochs):
+        first_logprobs = torch.zeros_like(loss_mask)  # the first epoch's log-probs (drift, single pass)
+        for epoch in range(g.epochs):
             for mb in range(self.plan["mini_batches"]):
                 rows = slice(mb * per_mini, (mb + 1) * per_mini)
                 num_tokens, num_seqs = all_reduce_sum([loss_mask[rows].sum().item(),
@@ -237,8 +253,11 @@ class Recipe:
                                           attention_mask=tensors["attention_mask"][part]).logits
                     logprobs = token_logprobs(logits, tensors["input_ids"][part], tensors["completion_mask"][part],
                                               temperature=temperature)
+                    if epoch == 0:
+                        first_logprobs[part] = logprobs.detach()
+                    old = first_logprobs[part] if old_logprobs is None else old_logprobs[part]
                     result = algorithms.compute_policy_loss(
-                        g.policy_loss, logprobs, old_logprobs[part], token_adv[part], loss_mask[part],
+                        g.policy_loss, logprobs, old, token_adv[part], loss_mask[part],
                         loss_agg_mode=g.loss_agg, importance_weights=None if weights is None else weights[part],
                         **agg, **g.policy_loss_args)
                     loss = result.loss
@@ -268,4 +287,5 @@ class Recipe:
         out["loss"] /= max(updates, 1)
         out["kl"] /= max(updates, 1)
         out["clipfrac"] /= max(out.pop("clip_tokens"), 1.0)
+        out["first_logprobs"] = first_logprobs
         return out

@@ -364,19 +364,23 @@ def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, rl_step: 
 
 @torch.no_grad()
 def old_and_ref_logprobs(learner, reference, tensors: dict[str, torch.Tensor], micro_batch_size: int,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The learner's log-probs of the sampled tokens before this step's updates (the PPO "old" policy) and
-    the frozen reference's (None without one), ``[B, L]`` in ``token_logprobs``' layout."""
+                         temperature: float, *, need_old: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The learner's log-probs of the sampled tokens before this step's updates (the PPO "old" policy; None
+    when not ``need_old``) and the frozen reference's (None without one), ``[B, L]`` in ``token_logprobs``'
+    layout."""
     from posttrain.rollout import token_logprobs
 
     old, ref = [], []
+    if not need_old and reference is None:
+        return None, None
     learner.eval()
     for start in range(0, tensors["input_ids"].shape[0], micro_batch_size):
         part = {k: v[start : start + micro_batch_size] for k, v in tensors.items()}
-        logits = learner(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-        old.append(token_logprobs(logits, part["input_ids"], part["completion_mask"], temperature=temperature))
+        if need_old:
+            logits = learner(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            old.append(token_logprobs(logits, part["input_ids"], part["completion_mask"], temperature=temperature))
         if reference is not None:
             ref_logits = reference.logits(part["input_ids"], part["attention_mask"])
             ref.append(token_logprobs(ref_logits, part["input_ids"], part["completion_mask"], temperature=temperature))
     learner.train()
-    return torch.cat(old), (torch.cat(ref) if ref else None)
+    return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
