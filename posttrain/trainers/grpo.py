@@ -88,7 +88,8 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
-    return online.preflight(cfg, cfg.grpo, batch_plan(cfg, world_size, source))
+    learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    return online.preflight(cfg, cfg.grpo, batch_plan(cfg, learners, source))
 
 
 class Recipe:

@@ -169,7 +169,8 @@ def check_critic_source(cfg: Config) -> None:
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     check_critic_source(cfg)
-    return online.preflight(cfg, cfg.ppo, batch_plan(cfg, world_size, source))
+    learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    return online.preflight(cfg, cfg.ppo, batch_plan(cfg, learners, source))
 
 
 def load_critic(cfg: Config, pad_token_id: int | None) -> torch.nn.Module:
