@@ -83,9 +83,10 @@ class RolloutConfig:
     timeout: float = doc(
         600.0,
         "Disaggregated: seconds a rollout rank may take to answer one request (a step's generation, an "
-        "evaluation, a weight load; the first also covers its engine's start). A rank that dies or stays silent "
-        "longer stops the run with an error naming it and the last intact checkpoint.",
+        "evaluation, a weight load). A rank that dies or stays silent longer stops the run with an error naming "
+        "it and the last intact checkpoint.",
     )
+    start_timeout: float = doc(900.0, "Disaggregated: seconds a rollout rank may take to start its engine.")
 
     def validate(self, source: str = "the recipe") -> None:
         """Raise ``ConfigError`` naming the first bad field."""
@@ -103,6 +104,7 @@ class RolloutConfig:
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "at least 1"),
             (self.ranks >= 1, "ranks", "at least 1"),
             (self.timeout > 0, "timeout", "positive (seconds)"),
+            (self.start_timeout > 0, "start_timeout", "positive (seconds)"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -152,6 +152,17 @@ class RemoteEngine:
         self.link = _link() if dist.is_main else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.failed = False
+        if self.link is not None:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Every rollout rank reports its engine up (or why not) within ``rollout.start_timeout``."""
+        for member in range(1, len(self.link.members)):
+            status, value = self._guard(member, "starting its engine",
+                                        lambda m=member: self.link.recv(m, timedelta(seconds=self.cfg.start_timeout)),
+                                        self.cfg.start_timeout, "rollout.start_timeout")
+            if status != "ok":
+                self._fail(member, "starting its engine", value)
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, prompts: Sequence, *, n: int | None = None, seed: int | None = None,
@@ -257,14 +268,19 @@ class RemoteEngine:
         status, value = self._guard(member, doing, lambda: self.link.recv(member, self.timeout))
         if status == "ok":
             return value
-        if isinstance(value, UserError):  # e.g. a prompt too long for rollout.max_model_len: the rank is fine
-            raise value
+        self._fail(member, doing, value)
+
+    def _fail(self, member: int, doing: str, error: Any) -> None:
+        """Raise what a rollout rank answered instead of a result."""
+        if isinstance(error, UserError):  # e.g. a prompt too long for rollout.max_model_len: the rank is fine
+            raise error
         self.failed = True
         rank = self.link.members[member]
-        raise self._report(RolloutRankFailed(f"rollout rank {rank} failed while {doing}: {value}; "
+        raise self._report(RolloutRankFailed(f"rollout rank {rank} failed while {doing}: {error}; "
                                              f"{self._checkpoint_note()}"))
 
-    def _guard(self, member: int, doing: str, action) -> Any:
+    def _guard(self, member: int, doing: str, action, limit: float | None = None,
+               setting: str = "rollout.timeout") -> Any:
         """``action()``; a broken connection or a timeout becomes ``RolloutRankFailed`` naming the rank."""
         try:
             return action()
@@ -273,9 +289,10 @@ class RemoteEngine:
             rank = self.link.members[member]
             text = str(err)
             if "timed out" in text.lower():
-                what = f"did not answer within rollout.timeout={self.cfg.timeout:g} s while {doing}"
+                limit = self.cfg.timeout if limit is None else limit
+                what = f"did not answer within {setting}={limit:g} s while {doing}"
             else:
-                what = f"died while {doing} (its connection closed: {text.splitlines()[0][:120]})"
+                what = f"died while {doing} (its connection closed)"
             raise self._report(RolloutRankFailed(f"rollout rank {rank} {what}; {self._checkpoint_note()}")) from None
 
     def _checkpoint_note(self) -> str:
@@ -310,16 +327,20 @@ def serve(cfg, dist: DistInfo) -> None:
     try:
         tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
         engine = RolloutEngine(cfg.rollout.model or cfg.model.path, cfg.rollout, tokenizer=tokenizer)
-    except Exception as err:  # answered to the first request: the leader stops the run with it
+    except Exception as err:  # the leader stops the run with it
         startup_error = err
+    try:
+        link.send(_picklable(("error", startup_error) if startup_error else ("ok", None)), 0)
+    except RuntimeError:
+        pass  # the leader is gone already
     requests = 0
     try:
         while True:
             try:
                 kind, payload = link.recv(0)  # as long as the learners take between requests
             except RuntimeError as err:  # the leader is gone; it (or torchrun) reports why
-                log.warning("rollout rank %d: the learners went away (%s); stopping", dist.global_rank,
-                            str(err).splitlines()[0][:120])
+                log.warning("rollout rank %d: the learners went away; stopping", dist.global_rank)
+                log.debug("rollout rank %d: %s", dist.global_rank, err)
                 return
             if kind == "stop":
                 return
