@@ -11,7 +11,8 @@ Supports:
   - PPO-max: score normalisation by running statistics and clipping, a per-token KL penalty in the reward,
     GAE, advantage whitening over the whole batch (all ranks), the clipped policy loss, the clipped value
     loss, a fixed or adaptive KL coefficient, several epochs of shuffled mini-batches per rollout
-  - DeepSpeed ZeRO 0-3 (policy and critic alike), LoRA for the policy, 1..N processes; checkpoints hold the
+  - DeepSpeed ZeRO 0-3 (policy and critic alike), LoRA for the policy, 1..N processes, colocated or
+    disaggregated placement (``rollout.placement``); checkpoints hold the
     policy, the critic (``critic/``, a Hugging Face directory), both optimizer states, the KL coefficient
     and the reward statistics, and ``resume=auto`` continues exactly
 
