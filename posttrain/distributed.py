@@ -2,6 +2,15 @@
 
 Under torchrun the usual environment variables are set; run directly, we make
 a world of one so the same code path (DeepSpeed, collectives) is exercised.
+
+Disaggregated placement (``rollout.placement=disaggregated``) splits the torchrun
+world by role: the first ranks are *learners* and the last ``rollout.ranks`` ranks
+are *rollout* ranks. torch's default process group then spans the learners only
+(DeepSpeed, ZeRO and every collective of a recipe see just them, so global rank 0
+is the learner that writes checkpoints and metrics); rollout ranks have no default
+group of ours (their vLLM engine makes its own world of one). The learner ranks'
+leader (global rank 0) and the rollout ranks talk over a separate gloo group,
+``posttrain.rollout.remote.Bridge``, built on the same rendezvous store.
 """
 
 from __future__ import annotations
@@ -9,6 +18,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
 
 
 def configure_environment() -> None:
@@ -30,20 +41,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+Role = Literal["colocated", "learner", "rollout"]
+
+
 @dataclass(frozen=True)
 class DistInfo:
+    """This rank's place. ``rank``/``world_size`` count the ranks of its role's world: every rank when
+    colocated, the learner ranks on a learner, the rollout ranks on a rollout rank."""
+
     rank: int
     world_size: int
     local_rank: int
     backend: str
+    role: Role = "colocated"
+    global_rank: int = 0
+    global_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """The rank that logs, writes metrics and checkpoints: global rank 0 (always a learner)."""
+        return self.rank == 0 and self.role != "rollout"
+
+    @property
+    def rollout_ranks(self) -> list[int]:
+        """Global ranks of the rollout ranks (empty when colocated)."""
+        if self.role == "colocated":
+            return []
+        learners = self.world_size if self.role == "learner" else self.global_world_size - self.world_size
+        return list(range(learners, self.global_world_size))
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed (gloo on CPU, NCCL on GPU) once; return this rank's place."""
+# Disaggregated runs: the gloo group of the learners' leader (member 0) and the rollout ranks (members 1..R),
+# with its members' global ranks; None elsewhere. posttrain.rollout.remote talks over it.
+_ROLLOUT_GROUP: tuple[Any, list[int]] | None = None
+# Its default timeout only bounds how long a rollout rank waits for the learners' next request (they may train
+# for a long time); the leader waits for answers with rollout.timeout, per operation.
+_ROLLOUT_GROUP_TIMEOUT = timedelta(days=7)
+
+
+def rollout_group() -> tuple[Any, list[int]] | None:
+    """``(gloo process group, global ranks of its members)`` on the leader and rollout ranks; else None."""
+    return _ROLLOUT_GROUP
+
+
+def init_distributed(rollout_ranks: int = 0) -> DistInfo:
+    """Initialise torch.distributed (gloo on CPU, NCCL on GPU) once; return this rank's place.
+
+    ``rollout_ranks > 0`` (disaggregated placement): the last ``rollout_ranks`` ranks become rollout ranks
+    and the default process group spans only the learner ranks (see the module docstring).
+    """
     import torch
     import torch.distributed as dist
 
@@ -53,14 +99,45 @@ def init_distributed() -> DistInfo:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if rollout_ranks:
+        return _init_disaggregated(rollout_ranks, backend, local_rank)
     if not dist.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank, world, local_rank, backend, "colocated", rank, world)
+
+
+def _init_disaggregated(rollout_ranks: int, backend: str, local_rank: int) -> DistInfo:
+    """Learner ranks get a default group of their own; rollout ranks none (their engine makes its own).
+    The leader and the rollout ranks join their bridge group first, all at start."""
+    global _ROLLOUT_GROUP
+    import torch
+    import torch.distributed as dist
+
+    store, rank, world = next(dist.rendezvous("env://"))
+    learners = world - rollout_ranks
+    members = [0, *range(learners, world)]
+    if rank in members:
+        group = dist.ProcessGroupGloo(dist.PrefixStore("posttrain/rollout", store), members.index(rank),
+                                      len(members), _ROLLOUT_GROUP_TIMEOUT)
+        _ROLLOUT_GROUP = (group, members)
+    if rank >= learners:
+        return DistInfo(rank - learners, rollout_ranks, local_rank, backend, "rollout", rank, world)
+    # Learner ranks are the first ones, so their group rank is their global rank.
+    dist.init_process_group(backend, store=dist.PrefixStore("posttrain/learners", store), rank=rank,
+                            world_size=learners)
+    os.environ["WORLD_SIZE"] = str(learners)  # DeepSpeed reads it in places; the learner world is its world
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank, learners, local_rank, backend, "learner", rank, world)
 
 
 def barrier() -> None:

@@ -37,3 +37,22 @@ class TrainingDiverged(UserError):
     rate, data, precision); printed without a traceback, exit status 3, the last checkpoint left intact."""
 
     exit_code = 3
+
+
+class RolloutRankFailed(UserError):
+    """A rollout rank of a disaggregated run died, failed or stayed silent past ``rollout.timeout``. Printed as
+    soon as it is found (the launcher may stop the other processes moments later), exit status 4; the last
+    checkpoint is intact and ``resume=auto`` continues from it."""
+
+    exit_code = 4
+
+
+def print_user_error(err: UserError) -> None:
+    """One paragraph on one line (the terminal wraps it; grep still finds it); an error is printed once."""
+    import sys
+
+    if getattr(err, "printed", False):
+        return
+    text = err.message if err.hint is None else f"{err.message} {err.hint}"
+    print("error: " + " ".join(text.split()), file=sys.stderr, flush=True)
+    err.printed = True

@@ -8,6 +8,7 @@ with it for several.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from posttrain.distributed import configure_environment
@@ -22,8 +23,16 @@ def run_recipe(recipe_path: str, overrides: list[str]) -> dict:
     from posttrain.trainers.common import setup_logging
 
     cfg = load_recipe(recipe_path, overrides)
-    dist = init_distributed()
+    rollout = getattr(cfg, "rollout", None)  # online recipes: their placement decides each rank's role
+    if rollout is not None:
+        rollout.learner_ranks(int(os.environ.get("WORLD_SIZE", 1)), recipe_path)
+    dist = init_distributed(rollout.rollout_ranks if rollout is not None else 0)
     setup_logging(dist.is_main)
+    if dist.role == "rollout":
+        from posttrain.rollout.remote import serve
+
+        serve(cfg, dist)
+        return {}
     recipe = trainer_module(cfg.trainer).Recipe(cfg, dist, source=recipe_path)
     try:
         recipe.setup()

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_user_error(err: UserError) -> None:
     """One paragraph on one line (the terminal wraps it; grep still finds it)."""
-    text = err.message if err.hint is None else f"{err.message} {err.hint}"
-    print("error: " + " ".join(text.split()), file=sys.stderr)
+    from posttrain.errors import print_user_error as print_once
+
+    print_once(err)
 
 
 def main(argv: list[str] | None = None) -> int:

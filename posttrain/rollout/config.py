@@ -73,6 +73,20 @@ class RolloutConfig:
         "synced again before generating, which every colocated RL step does anyway)."
     )
     tensor_parallel_size: int = doc(1, "GPUs one engine shards its model over.")
+    # --- placement (online trainers) ------------------------------------------------
+    placement: Literal["colocated", "disaggregated"] = doc(
+        "colocated",
+        "Online trainers: 'colocated' runs a learner shard and an engine on every rank; 'disaggregated' runs "
+        "engines only on the last rollout.ranks ranks and the learner only on the others (docs/rl.md).",
+    )
+    ranks: int = doc(1, "Disaggregated: how many ranks (the last ones) run rollout engines; the rest are learners.")
+    timeout: float = doc(
+        600.0,
+        "Disaggregated: seconds a rollout rank may take to answer one request (a step's generation, an "
+        "evaluation, a weight load). A rank that dies or stays silent longer stops the run with an error naming "
+        "it and the last intact checkpoint.",
+    )
+    start_timeout: float = doc(900.0, "Disaggregated: seconds a rollout rank may take to start its engine.")
 
     def validate(self, source: str = "the recipe") -> None:
         """Raise ``ConfigError`` naming the first bad field."""
@@ -88,9 +102,33 @@ class RolloutConfig:
             (0 < self.memory_fraction <= 1, "memory_fraction", "in (0, 1]"),
             (0 < self.cpu_kv_cache_max_fraction <= 1, "cpu_kv_cache_max_fraction", "in (0, 1]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "at least 1"),
+            (self.ranks >= 1, "ranks", "at least 1"),
+            (self.timeout > 0, "timeout", "positive (seconds)"),
+            (self.start_timeout > 0, "start_timeout", "positive (seconds)"),
         ]
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"rollout.{name} in {source} must be {expected}, got {getattr(self, name)!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"rollout.stop in {source} must be a list of non-empty strings, got {self.stop!r}.")
+        if self.placement == "disaggregated" and self.tensor_parallel_size != 1:
+            raise ConfigError(f"rollout.tensor_parallel_size in {source} must be 1 with rollout.placement="
+                              f"disaggregated (one engine per rollout rank), got {self.tensor_parallel_size}.")
+
+    @property
+    def rollout_ranks(self) -> int:
+        """Ranks that run only engines: ``ranks`` when disaggregated, else 0."""
+        return self.ranks if self.placement == "disaggregated" else 0
+
+    def learner_ranks(self, world_size: int, source: str = "the recipe") -> int:
+        """How many of ``world_size`` ranks hold the learner; a ``ConfigError`` when the placement cannot fit."""
+        if self.placement == "colocated":
+            return world_size
+        if world_size < 2:
+            raise ConfigError(f"rollout.placement=disaggregated in {source} needs at least 2 processes (rollout and "
+                              f"learner ranks apart), got {world_size}.", hint="Run with --nproc 2 or more, or use "
+                              "rollout.placement=colocated.")
+        if self.ranks >= world_size:
+            raise ConfigError(f"rollout.ranks ({self.ranks}) in {source} must leave at least one learner rank out of "
+                              f"{world_size} processes.", hint=f"Set rollout.ranks to at most {world_size - 1}.")
+        return world_size - self.ranks

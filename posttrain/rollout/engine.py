@@ -334,11 +334,14 @@ class RolloutEngine:
         max_tokens: int | None = None,
         stop: Sequence[str] | None = None,
         seed: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` completions per prompt; keyword arguments override the config for this call.
 
-        ``seed``: the same seed, prompts and weights give the same samples. Without
-        it, seeds derive from ``cfg.seed`` and a per-engine call counter.
+        ``seed``: the same seed, prompts and weights give the same samples; prompt ``i`` is
+        seeded with ``seed + i * n``. ``seeds``: one seed per prompt instead (a disaggregated
+        run passes each rollout rank its prompts' seeds). Without either, seeds derive from
+        ``cfg.seed`` and a per-engine call counter.
         """
         if not self._weights_valid:
             raise RuntimeError("the rollout engine has no valid weights yet (started without them, or slept at "
@@ -358,11 +361,14 @@ class RolloutEngine:
         if seed is None and self.cfg.seed is not None:
             seed = _derive_seed(self.cfg.seed, self._calls)
         self._calls += 1
-        # vLLM seeds child j of an n-sample request with seed + j: space the prompts n apart.
+        if seeds is None:
+            # vLLM seeds child j of an n-sample request with seed + j: space the prompts n apart.
+            seeds = [None if seed is None else seed + i * n for i in range(len(token_prompts))]
+        elif len(seeds) != len(token_prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(token_prompts)} prompts")
         params = [self.sampling_params(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       max_tokens=max_tokens, stop=stop,
-                                       seed=None if seed is None else seed + i * n)
-                  for i in range(len(token_prompts))]
+                                       max_tokens=max_tokens, stop=stop, seed=prompt_seed)
+                  for prompt_seed in seeds]
         from vllm.inputs import TokensPrompt
 
         start = time.perf_counter()

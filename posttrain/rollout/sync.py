@@ -44,6 +44,7 @@ class SyncStats:
     largest_tensor_bytes: int  # largest single gathered parameter
     measured_peak_bytes: int | None  # measured growth during the sync; None where it cannot be measured
     memory_source: str | None  # "cuda_allocator", "rss_high_water" or None
+    remote_peak_bytes: int | None = None  # disaggregated: the largest growth a rollout rank measured while loading
 
     def as_metrics(self, prefix: str = "sync/") -> dict[str, float]:
         """Flat numeric metrics for the run's metrics log."""
@@ -133,20 +134,19 @@ def _to_checkpoint_names(
     return out, made
 
 
-def iter_checkpoint_tensors(
+def iter_checkpoint_buckets(
     module,
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     lora_scaling: float | None = None,
     adapter: str | None = None,
     stats: SyncStats | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream ``(HF checkpoint name, full tensor)`` pairs out of any training layout.
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Stream buckets of ``(HF checkpoint name, full tensor)`` pairs out of any training layout.
 
-    The generator behind ``sync_weights``; usable on its own (e.g. to feed
-    another engine). LoRA adapters are merged into their base weights; names
-    lose PEFT's wrapping. Collective under ZeRO-3: every rank must exhaust it.
-    Tensors may alias live parameters: read them, do not modify them.
+    LoRA adapters are merged into their base weights; names lose PEFT's wrapping. Collective under
+    ZeRO-3: every rank must exhaust it. Tensors may alias live parameters: read them, do not modify them.
+    A bucket's gathered parameters are released when the next bucket is asked for.
     """
     model = unwrap_module(module)
     names = [name for name, _ in model.named_parameters()]
@@ -172,8 +172,16 @@ def iter_checkpoint_tensors(
             )
             stats.num_tensors += len(tensors)
             stats.bytes += sum(t.numel() * t.element_size() for _, t in tensors)
-        yield from tensors
+        yield tensors
         del bucket, tensors  # let the bucket go before the next is gathered
+
+
+def iter_checkpoint_tensors(module, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_checkpoint_buckets`` (same arguments) one ``(HF checkpoint name, full tensor)`` pair at a
+    time: the stream ``sync_weights`` feeds an engine, usable on its own. Collective under ZeRO-3."""
+    for bucket in iter_checkpoint_buckets(module, **kwargs):
+        yield from bucket
+        del bucket
 
 
 def sync_weights(
@@ -192,17 +200,20 @@ def sync_weights(
     this on every rank. ``lora_scaling`` overrides each LoRA layer's own
     ``alpha / r`` scaling; ``adapter`` picks the adapter (default: the active one).
     The engine's prefix cache is reset afterwards (its KV came from old weights).
+    An engine with ``load_buckets`` (a disaggregated run's ``RemoteEngine``) takes whole buckets.
     """
     stats = SyncStats(0.0, 0.0, 0, 0, 0, 0, 0, None, None)
     model = unwrap_module(module)
     device = engine.device if engine is not None else next(model.parameters()).device
     start = time.perf_counter()
     with torch.no_grad(), PeakMemory(device) as meter:
-        stream = iter_checkpoint_tensors(model, bucket_bytes=bucket_bytes, lora_scaling=lora_scaling,
+        stream = iter_checkpoint_buckets(model, bucket_bytes=bucket_bytes, lora_scaling=lora_scaling,
                                          adapter=adapter, stats=stats)
         try:
-            if engine is not None:
-                engine.load_weights(stream)
+            if hasattr(engine, "load_buckets"):
+                engine.load_buckets(stream, stats)
+            elif engine is not None:
+                engine.load_weights(pair for bucket in stream for pair in bucket)
         finally:
             # Engine-less ranks, whatever the engine left, or an engine that failed midway: finish the
             # collective ZeRO-3 gathers so the other ranks are not left waiting.

@@ -10,7 +10,8 @@ Supports:
   - KL to a frozen reference in the loss or in the reward; entropy bonus; DAPO dynamic sampling (groups with
     identical rewards carry no signal and are left out, counted); truncated importance sampling between
     the sampler's and the learner's log-probs; several optimisation epochs and mini-batches per rollout
-  - DeepSpeed ZeRO 0-3, LoRA, 1..N processes, checkpoints and exact ``resume=auto`` on CPU
+  - DeepSpeed ZeRO 0-3, LoRA, 1..N processes, colocated or disaggregated placement (``rollout.placement``),
+    checkpoints and exact ``resume=auto`` on CPU
 
 Assumes:
   - prompt-only data (``prompt`` plus columns the rewards read, e.g. ``answer``)
@@ -88,7 +89,8 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
-    return online.preflight(cfg, cfg.grpo, batch_plan(cfg, world_size, source))
+    learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    return online.preflight(cfg, cfg.grpo, batch_plan(cfg, learners, source))
 
 
 class Recipe:

@@ -93,10 +93,15 @@ def score_samples(reward_set, rows: list[PromptRow], batch) -> tuple[torch.Tenso
 @torch.no_grad()
 def evaluate_generation(engine, rows: list[PromptRow], reward_set, *, n: int = 1, temperature: float = 0.0,
                         max_tokens: int | None = None, seed: int = 0) -> dict[str, float]:
-    """Mean reward and pass@k (share of prompts with at least one sample scoring >= 1) on ``rows``."""
-    if not rows:
+    """Mean reward and pass@k (share of prompts with at least one sample scoring >= 1) on ``rows``.
+
+    A collective engine (a disaggregated run's ``RemoteEngine``) is called even with no rows: every learner
+    rank takes part in its generate."""
+    if not rows and not getattr(engine, "collective", False):
         return {}
     batch = engine.generate([r.prompt for r in rows], n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    if not rows:
+        return {}
     rewards, means, _ = score_samples(reward_set, rows, batch)
     finite = torch.nan_to_num(rewards, nan=0.0)
     passed = (finite.view(len(rows), n) >= 1.0).any(dim=1).float().mean().item()
@@ -183,11 +188,12 @@ def preflight(cfg, settings: OnlineSettings, plan: dict[str, int]) -> str:
 
 
 class OnlineRollouts:
-    """The rollout side of an online recipe: prompts, the colocated vLLM engine, rewards, sync, evaluation.
+    """The rollout side of an online recipe: prompts, the vLLM engine, rewards, sync, evaluation.
 
-    Every rank holds one and takes a contiguous share of each step's prompts (whole groups stay on one
-    rank). A prompt's sampling seed depends only on (run seed, step, its global position), so 1 or N
-    processes, and a resumed run, sample the same completions.
+    Every (learner) rank holds one and takes a contiguous share of each step's prompts (whole groups stay on
+    one rank). A prompt's sampling seed depends only on (run seed, step, its global position), so 1 or N
+    processes, either placement, and a resumed run sample the same completions. Colocated, the engine is in
+    this process; disaggregated, it is a ``RemoteEngine`` for the rollout ranks (``posttrain.rollout.remote``).
     """
 
     def __init__(self, cfg, settings: OnlineSettings, dist: DistInfo, tokenizer) -> None:
@@ -203,6 +209,11 @@ class OnlineRollouts:
         self.engine = None
 
     def start_engine(self) -> None:
+        if self.dist.role == "learner":
+            from posttrain.rollout.remote import RemoteEngine
+
+            self.engine = RemoteEngine(self.dist, self.cfg.rollout, self.cfg.output_dir)
+            return
         from posttrain.rollout import RolloutEngine
 
         self.engine = RolloutEngine(self.cfg.rollout.model or self.cfg.model.path, self.cfg.rollout,
@@ -242,7 +253,7 @@ class OnlineRollouts:
     def evaluate(self) -> dict[str, float]:
         """Greedy generation on the held-out prompts (sharded over ranks), scored by the run's rewards."""
         rows = self.eval_prompts[self.dist.rank :: self.dist.world_size]
-        local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0) if rows else {}
+        local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0)
         self.engine.sleep()
         keys = ["reward", "pass@1", "completion_tokens"]
         totals = all_reduce_sum([local.get(k, 0.0) * len(rows) for k in keys] + [float(len(rows))])

@@ -11,7 +11,8 @@ Supports:
   - PPO-max: score normalisation by running statistics and clipping, a per-token KL penalty in the reward,
     GAE, advantage whitening over the whole batch (all ranks), the clipped policy loss, the clipped value
     loss, a fixed or adaptive KL coefficient, several epochs of shuffled mini-batches per rollout
-  - DeepSpeed ZeRO 0-3 (policy and critic alike), LoRA for the policy, 1..N processes; checkpoints hold the
+  - DeepSpeed ZeRO 0-3 (policy and critic alike), LoRA for the policy, 1..N processes, colocated or
+    disaggregated placement (``rollout.placement``); checkpoints hold the
     policy, the critic (``critic/``, a Hugging Face directory), both optimizer states, the KL coefficient
     and the reward statistics, and ``resume=auto`` continues exactly
 
@@ -169,7 +170,8 @@ def check_critic_source(cfg: Config) -> None:
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     check_critic_source(cfg)
-    return online.preflight(cfg, cfg.ppo, batch_plan(cfg, world_size, source))
+    learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    return online.preflight(cfg, cfg.ppo, batch_plan(cfg, learners, source))
 
 
 def load_critic(cfg: Config, pad_token_id: int | None) -> torch.nn.Module:

@@ -132,6 +132,17 @@ def test_seeded_n_sampling_is_reproducible(engine):
     assert [s.completion_ids for s in a] != [s.completion_ids for s in b]
 
 
+def test_per_prompt_seeds_make_samples_independent_of_the_split(engine):
+    """What a disaggregated run relies on: prompt i with seed s samples the same alone or in a batch."""
+    whole = engine.generate([TEXT, CHAT], n=3, temperature=1.0, seed=50)
+    same = engine.generate([TEXT, CHAT], n=3, temperature=1.0, seeds=[50, 53])
+    second = engine.generate([CHAT], n=3, temperature=1.0, seeds=[53])
+    assert [s.completion_ids for s in same] == [s.completion_ids for s in whole]
+    assert [s.completion_ids for s in second] == [s.completion_ids for s in whole.groups()[1]]
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        engine.generate([TEXT, CHAT], seeds=[1])
+
+
 def test_max_tokens_gives_length_finish(engine):
     batch = engine.generate([TEXT, CHAT], temperature=0.0, max_tokens=5)
     for sample in batch:

@@ -1,0 +1,136 @@
+"""Placements of online RL under torchrun (real vLLM on CPU, real DeepSpeed over gloo, the tiny model).
+
+Every multi-process run is compared with one one-process run of the same recipe: same seed and global batch,
+so the same prompts and (seeds by global prompt position) the same samples, hence the same rewards and updates.
+One optimizer step per rollout: with several mini-batches their composition would depend on the rank split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, read_metrics, run_cli
+from tests.test_grpo import BAD_REWARDS, grpo_args
+
+RECIPE = str(REPO / "recipes" / "grpo.yaml")
+DISAGGREGATED = "rollout.placement=disaggregated"
+
+
+@pytest.fixture(scope="module")
+def common(tiny_model, arithmetic_data, tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("placement")
+    (root / "r.py").write_text(BAD_REWARDS)
+    return grpo_args(tiny_model, arithmetic_data, root / "x", f"grpo.rewards=[{{name: '{root}/r.py:varied'}}]",
+                     "train.micro_batch_size=4", "train.global_batch_size=16", "learner.lr=1e-3",
+                     "logging.plots=false")
+
+
+@pytest.fixture(scope="module")
+def one_process(common, tmp_path_factory) -> dict[int, dict]:
+    out = tmp_path_factory.mktemp("one")
+    result = run_cli("run", RECIPE, *common, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = steps_of(out)
+    assert steps[1]["reward/std"] > 0 and steps[1]["grad_norm"] > 0  # the update is not trivially zero
+    return steps
+
+
+def steps_of(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(out) if "reward/mean" in r}
+
+
+def assert_same_run(a: dict[int, dict], b: dict[int, dict]) -> None:
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert b[step]["reward/mean"] == pytest.approx(a[step]["reward/mean"], abs=1e-6)
+        assert b[step]["completion_tokens"] == pytest.approx(a[step]["completion_tokens"], abs=1e-6)
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5)
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3)
+    assert b[2]["eval/reward"] == pytest.approx(a[2]["eval/reward"], abs=1e-6)
+
+
+def test_colocated_two_processes_zero2_match_one_process(common, one_process, tmp_path):
+    out = tmp_path / "two"
+    result = run_cli("run", RECIPE, "--nproc", "2", "learner.zero_stage=2", *common, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(one_process, steps_of(out))
+
+
+@pytest.mark.parametrize("nproc", [2, 3], ids=["1-rollout-1-learner", "1-rollout-2-learners"])
+def test_disaggregated_zero3_matches_one_process(nproc, common, one_process, tmp_path):
+    """The last rank only generates; the others only train (ZeRO-3 over the learner ranks alone) and send it
+    their weights after every step. Checkpoints, metrics and evaluation come from global rank 0, a learner."""
+    out = tmp_path / "run"
+    result = run_cli("run", RECIPE, "--nproc", str(nproc), DISAGGREGATED, "learner.zero_stage=3",
+                     "checkpoint.every_n_steps=1", *common, f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = steps_of(out)
+    assert_same_run(one_process, steps)
+    for record in steps.values():
+        assert record["drift/abs_diff_max"] < 1e-3  # the rollout rank sampled with the learner's weights
+        assert record["sync/num_buckets"] >= 1 and record["sync/remote_peak_bytes"] > 0
+    assert (out / "checkpoints" / "step-000002" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002" / "rng").iterdir()) == \
+        [f"rank-{r}.pt" for r in range(nproc - 1)]  # learner ranks only
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_end"]["reward"] == pytest.approx(one_process[2]["eval/reward"], abs=1e-6)
+
+
+def test_rollout_rank_greedy_matches_learner_after_sync(tiny_model, tmp_path):
+    """After a ZeRO-3 learner's optimizer step and a sync in 100 KiB buckets, the rollout rank's engine
+    decodes greedily exactly what transformers decodes with the learner's weights."""
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = REPO / "tests" / "rollout" / "disaggregated_sync.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             str(script), str(tiny_model), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(out.read_text())
+    assert found["partitioned"] and found["buckets"] > 1 and found["remote_peak_bytes"] is not None
+    assert all(len(ids) == 12 for ids in found["engine"])
+    assert found["engine"] == found["learner"]
+    assert found["engine"] != found["before"]  # the sync changed what the engine computes
+
+
+def test_placement_is_checked_before_anything_starts(tiny_model, arithmetic_data, tmp_path):
+    args = grpo_args(tiny_model, arithmetic_data, tmp_path / "r", DISAGGREGATED)
+    alone = run_cli("run", RECIPE, *args, "--check")
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "rollout.placement=disaggregated" in alone.stderr and "at least 2 processes" in alone.stderr
+    no_learner = run_cli("run", RECIPE, *args, "--nproc", "2", "rollout.ranks=2", "--check")
+    assert no_learner.returncode == 2 and "at least one learner rank" in no_learner.stderr
+    ok = run_cli("run", RECIPE, *args, "--nproc", "2", "--check")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_failed_rollout_rank_stops_the_run_naming_it(fault, tiny_model, arithmetic_data, tmp_path):
+    """Request 4 of the rollout rank is step 2's generation (1: the first evaluation, 2: step 1's generation,
+    3: its weight load), after the step-1 checkpoint. A killed rank is found at once, a hung one after
+    rollout.timeout; either way the run exits non-zero with one line naming the rank and that checkpoint."""
+    out = tmp_path / "r"
+    timeout = 15
+    started = time.monotonic()
+    result = run_cli("run", RECIPE, "--nproc", "2", *grpo_args(tiny_model, arithmetic_data, out, DISAGGREGATED,
+                                                               f"rollout.timeout={timeout}",
+                                                               "checkpoint.every_n_steps=1"),
+                     env={f"POSTTRAIN_FAULT_ROLLOUT_{fault.upper()}_AT_REQUEST": "4"}, timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    what = "died while generating" if fault == "kill" else f"did not answer within rollout.timeout={timeout} s"
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: rollout rank 1 ")]
+    assert len(lines) == 1 and what in lines[0], result.stderr[-3000:]
+    assert f"last intact checkpoint is {out / 'checkpoints' / 'step-000001'}" in lines[0]
+    assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    assert not (out / "checkpoints" / "step-000002").exists()
+    assert elapsed < 240
