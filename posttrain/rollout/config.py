@@ -73,6 +73,13 @@ class RolloutConfig:
         "synced again before generating, which every colocated RL step does anyway)."
     )
     tensor_parallel_size: int = doc(1, "GPUs one engine shards its model over.")
+    lora_sync: Literal["auto", "adapter", "merged"] = doc(
+        "auto",
+        "How a LoRA learner's weights reach the engine. 'adapter': only the adapter's factors, served by vLLM's "
+        "LoRA kernels (the engine starts with LoRA support; an error if vLLM or the adapter cannot do it). "
+        "'merged': the adapter merged into the base weights, all of them streamed (plain, faster kernels). "
+        "'auto': 'adapter' where possible, else 'merged'.",
+    )
 
     def validate(self, source: str = "the recipe") -> None:
         """Raise ``ConfigError`` naming the first bad field."""
