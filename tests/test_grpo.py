@@ -204,6 +204,7 @@ def test_grpo_with_lora_syncs_only_the_adapter(tiny_model, arithmetic_data, tmp_
     (tmp_path / "r.py").write_text(BAD_REWARDS)
     out = tmp_path / "run"
     result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, "model.lora.enabled=true",
+                                                "rollout.lora_sync=adapter",  # auto merges on CPU
                                                 f"grpo.rewards=[{{name: '{tmp_path}/r.py:varied'}}]",
                                                 "learner.lr=2e-2", "grpo.kl_coef=0.05"))
     assert result.returncode == 0, result.stderr[-3000:]

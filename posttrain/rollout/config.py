@@ -78,7 +78,8 @@ class RolloutConfig:
         "How a LoRA learner's weights reach the engine. 'adapter': only the adapter's factors, served by vLLM's "
         "LoRA kernels (the engine starts with LoRA support; an error if vLLM or the adapter cannot do it). "
         "'merged': the adapter merged into the base weights, all of them streamed (plain, faster kernels). "
-        "'auto': 'adapter' where possible, else 'merged'.",
+        "'auto': 'adapter' where possible on GPU, else 'merged' (on CPU, vLLM's LoRA kernels halve generation "
+        "speed, which costs more than a merged sync).",
     )
 
     def validate(self, source: str = "the recipe") -> None:

@@ -132,6 +132,35 @@ def _vllm_lora_unsupported(hf_config: dict) -> str | None:
     return None  # not known here: vLLM resolves the architecture at start-up and says what is wrong
 
 
+def engine_lora_mode(setting: str, lora_rank: int | None, *, on_cpu: bool, hf_config: dict) -> tuple[str, int | None]:
+    """``("adapter", vLLM max_lora_rank)`` when an engine should start with LoRA support so that syncs can send
+    only the adapter, else ``("merged", None)``. ``setting`` is ``rollout.lora_sync``; ``lora_rank`` the
+    learner's (None: no LoRA). An impossible ``adapter`` is a ``ConfigError`` naming the reason."""
+    if lora_rank is None:
+        if setting == "adapter":
+            raise ConfigError("rollout.lora_sync is 'adapter', but the learner trains no LoRA adapter.",
+                              hint="Enable model.lora, or set rollout.lora_sync to auto or merged.")
+        return "merged", None
+    if setting == "merged":
+        return "merged", None
+    if setting == "auto" and on_cpu:
+        # vLLM's CPU LoRA ops copy the adapter's weights for every token: generation ran at 0.35-0.5x the
+        # plain model's speed (docs/benchmarks.md, LoRA sync), which costs far more than merging saves.
+        log.info("rollout.lora_sync=auto on CPU: the adapter will be merged (vLLM's CPU LoRA kernels generate "
+                 "at about half speed); set rollout.lora_sync=adapter to send only the adapter")
+        return "merged", None
+    rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), None)
+    reason = (f"LoRA rank {lora_rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}" if rank is None
+              else _vllm_lora_unsupported(hf_config))
+    if reason is None:
+        return "adapter", rank
+    if setting == "adapter":
+        raise ConfigError(f"rollout.lora_sync is 'adapter', but {reason}.",
+                          hint="Set rollout.lora_sync to merged (or auto, which falls back to it).")
+    log.info("rollout.lora_sync=auto: %s; the adapter will be merged and streamed with the base weights", reason)
+    return "merged", None
+
+
 def _derive_seed(seed: int, call: int) -> int:
     """A 31-bit seed per generate() call, so calls differ but runs repeat."""
     digest = hashlib.blake2b(f"{seed}:{call}".encode(), digest_size=4).digest()
@@ -225,7 +254,8 @@ class RolloutEngine:
         self.dtype = self._resolve_dtype(hf_config)
         self.max_model_len = cfg.max_model_len or int(hf_config.get("max_position_embeddings", 2048))
         self.kv_cache_bytes = self._resolve_kv_cache_bytes(hf_config)
-        self.lora_sync, self.max_lora_rank = self._resolve_lora(hf_config, lora_rank)
+        self.lora_sync, self.max_lora_rank = engine_lora_mode(cfg.lora_sync, lora_rank, on_cpu=self.on_cpu,
+                                                              hf_config=hf_config)
 
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
@@ -300,27 +330,6 @@ class RolloutEngine:
                 hint="Lower rollout.max_model_len, or set rollout.kv_cache_bytes explicitly.",
             )
         return max(min(wanted, cap), 32 * 2**20)
-
-    def _resolve_lora(self, hf_config: dict, lora_rank: int | None) -> tuple[str, int | None]:
-        """``("adapter", vLLM max_lora_rank)`` when syncs will send only the adapter, else ``("merged", None)``."""
-        setting = self.cfg.lora_sync
-        if lora_rank is None:
-            if setting == "adapter":
-                raise ConfigError("rollout.lora_sync is 'adapter', but the learner trains no LoRA adapter.",
-                                  hint="Enable model.lora, or set rollout.lora_sync to auto or merged.")
-            return "merged", None
-        if setting == "merged":
-            return "merged", None
-        rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), None)
-        reason = (f"LoRA rank {lora_rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}" if rank is None
-                  else _vllm_lora_unsupported(hf_config))
-        if reason is None:
-            return "adapter", rank
-        if setting == "adapter":
-            raise ConfigError(f"rollout.lora_sync is 'adapter', but {reason}.",
-                              hint="Set rollout.lora_sync to merged (or auto, which falls back to it).")
-        log.info("rollout.lora_sync=auto: %s; the adapter will be merged and streamed with the base weights", reason)
-        return "merged", None
 
     def _in_process_worker(self):
         executor = getattr(self.llm.llm_engine, "model_executor", None)

@@ -22,7 +22,8 @@ def engine(tiny_model):
     from posttrain.rollout import RolloutConfig, RolloutEngine
 
     init_distributed()
-    cfg = RolloutConfig(enforce_eager=True, max_model_len=512, max_num_seqs=16, max_tokens=16, seed=0)
+    cfg = RolloutConfig(enforce_eager=True, max_model_len=512, max_num_seqs=16, max_tokens=16, seed=0,
+                        lora_sync="adapter")  # auto merges on CPU (vLLM's CPU LoRA kernels are slow)
     eng = RolloutEngine(tiny_model, cfg, lora_rank=RANK)
     print(f"\nLoRA engine start: {eng.start_seconds:.2f} s")
     yield eng
@@ -144,7 +145,7 @@ def test_auto_merges_what_an_adapter_cannot_carry(engine, tiny_model):
 
     model = _peft(tiny_model, seed=10, modules_to_save=["lm_head"])  # a trained full copy of lm_head
     assert "outside the adapter" in adapter_sync_problem(model)
-    stats = sync_weights(engine, model)  # auto
+    stats = sync_weights(engine, model, lora_sync="auto")
     assert stats.mode == "merged" and engine.lora_request is None
     assert _greedy(engine) == _expected(engine, model)
     with pytest.raises(UserError, match="lora_sync is 'adapter'.*outside the adapter"):
@@ -154,6 +155,7 @@ def test_auto_merges_what_an_adapter_cannot_carry(engine, tiny_model):
     plain_lora = _peft(tiny_model, seed=12)
     assert adapter_sync_problem(plain_lora, engine=engine) is None
     assert resolve_lora_sync(engine, _load(tiny_model)) == "full"
+    assert resolve_lora_sync(engine, plain_lora, lora_sync="auto") == "adapter"  # on an engine with LoRA support
     with pytest.raises(ValueError, match="without an engine"):
         resolve_lora_sync(None, plain_lora)  # a rank without an engine cannot decide 'auto' alone
 
@@ -189,9 +191,17 @@ def test_adapter_sync_from_zero3_learner(engine, tiny_model):
     assert again.base_bytes == 0 and _greedy(engine) == _expected(engine, reference)
 
 
-def test_adapter_setting_is_checked_before_the_engine_starts(tiny_model):
+def test_lora_sync_setting_is_resolved_before_the_engine_starts(tiny_model):
     from posttrain.rollout import RolloutConfig, RolloutEngine
+    from posttrain.rollout.engine import engine_lora_mode
 
+    llama = {"architectures": ["LlamaForCausalLM"]}
+    assert engine_lora_mode("auto", None, on_cpu=False, hf_config=llama) == ("merged", None)  # no LoRA learner
+    assert engine_lora_mode("auto", 4, on_cpu=False, hf_config=llama) == ("adapter", 8)  # smallest vLLM rank >= 4
+    assert engine_lora_mode("auto", 4, on_cpu=True, hf_config=llama) == ("merged", None)  # slow CPU LoRA kernels
+    assert engine_lora_mode("adapter", 16, on_cpu=True, hf_config=llama) == ("adapter", 16)
+    assert engine_lora_mode("auto", 1024, on_cpu=False, hf_config=llama) == ("merged", None)
+    assert engine_lora_mode("merged", 4, on_cpu=False, hf_config=llama) == ("merged", None)
     with pytest.raises(ConfigError, match="trains no LoRA adapter"):
         RolloutEngine(tiny_model, RolloutConfig(lora_sync="adapter"))
     with pytest.raises(ConfigError, match="rank 1024 is above vLLM's largest"):
