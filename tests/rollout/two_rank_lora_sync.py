@@ -68,7 +68,7 @@ def main() -> None:
     learner = build_learner(_peft(model_dir).train(), LearnerConfig(zero_stage=3, lr=5e-2, scheduler="constant"),
                             world_size=info.world_size, micro_batch_size=1, grad_accum=1, total_steps=8)
     engine = RolloutEngine(model_dir, RolloutConfig(enforce_eager=True, max_model_len=256, max_num_seqs=4,
-                                                    max_tokens=MAX_TOKENS), lora_rank=4)
+                                                    max_tokens=MAX_TOKENS, lora_sync="adapter"), lora_rank=4)
 
     def step(seed: int) -> None:
         batch = torch.randint(5, 900, (1, 24), generator=torch.Generator().manual_seed(seed + info.rank))
