@@ -71,3 +71,26 @@ def test_grpo_subcommand_is_registered(bench, capsys):
     usage = capsys.readouterr().out
     for option in ("--threads", "--repeats", "--no-trl-vllm", "--eager"):
         assert option in usage
+
+
+def lora_run(mode: str, sync_s: list[float], nbytes: int, tokens_per_s: float) -> dict:
+    return {"mode": mode, "start_s": 4.0, "first_sync_s": 0.2, "first_sync_bytes": 3_000_000 + nbytes,
+            "base_bytes": 3_000_000 if mode == "adapter" else 0, "sync_s": sync_s, "gather_s": [0.001] * len(sync_s),
+            "bytes": nbytes, "tensors": 28, "measured_peak_mib": 0.5, "greedy_match": True,
+            "generate_s": 1.0, "generate_tokens_per_s": tokens_per_s, "params": 787_072, "adapter_params": 94_208}
+
+
+def test_lora_sync_result_compares_the_modes_per_size(bench, capsys):
+    runs = {"tiny": {"adapter": [lora_run("adapter", [0.004, 0.006], 376_832, 140.0),
+                                 lora_run("adapter", [0.005, 0.100], 376_832, 150.0)],
+                     "merged": [lora_run("merged", [0.09, 0.08], 3_148_288, 200.0),
+                                lora_run("merged", [0.10, 0.11], 3_148_288, 190.0)]}}
+    result = bench.lora_sync_result(args(rank=16, syncs=2, repeats=2), runs)
+    tiny = result["sizes"]["tiny"]
+    assert tiny["adapter"]["sync_ms"] == pytest.approx(5.5) and tiny["merged"]["sync_ms"] == pytest.approx(95.0)
+    assert tiny["sync_speedup"] == pytest.approx(95.0 / 5.5, abs=0.01)
+    assert tiny["bytes_ratio"] == pytest.approx(8.4) and tiny["generate_ratio"] == pytest.approx(145 / 195, abs=1e-3)
+    assert tiny["adapter"]["greedy_match"] and result["settings"]["rank"] == 16
+    bench.print_lora_sync(result)
+    table = capsys.readouterr().out
+    assert "adapter sync 17.3x faster, 8x fewer bytes" in table and "0.74x" in table

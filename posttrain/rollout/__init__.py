@@ -6,7 +6,14 @@ Importing this package does not import vLLM; ``RolloutEngine`` does, when create
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import Prompt, RolloutBatch, RolloutEngine, Sample
 from posttrain.rollout.logprobs import drift_stats, token_entropy, token_logprobs
-from posttrain.rollout.sync import SyncStats, iter_checkpoint_tensors, sync_weights
+from posttrain.rollout.sync import (
+    SyncStats,
+    adapter_sync_problem,
+    iter_adapter_tensors,
+    iter_checkpoint_tensors,
+    resolve_lora_sync,
+    sync_weights,
+)
 
 __all__ = [
     "Prompt",
@@ -15,8 +22,11 @@ __all__ = [
     "RolloutEngine",
     "Sample",
     "SyncStats",
+    "adapter_sync_problem",
     "drift_stats",
+    "iter_adapter_tensors",
     "iter_checkpoint_tensors",
+    "resolve_lora_sync",
     "sync_weights",
     "token_entropy",
     "token_logprobs",

@@ -19,7 +19,7 @@ buckets in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -124,9 +124,16 @@ def full_nbytes(param: torch.Tensor) -> int:
 
 
 def iter_gathered_buckets(
-    module: torch.nn.Module, bucket_bytes: int, packed: Mapping[str, str] = PACKED_MODULES
+    module: torch.nn.Module,
+    bucket_bytes: int,
+    packed: Mapping[str, str] = PACKED_MODULES,
+    select: Callable[[str], bool] | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield each planned bucket as ``(name, full tensor)`` pairs; collective under ZeRO-3.
+
+    ``select``: a predicate on parameter names; only those are planned and
+    gathered (e.g. just the LoRA factors). It must give the same answer on
+    every rank.
 
     The tensors alias the gathered (or, unpartitioned, the live) parameters: no
     copy is made. A ZeRO-3 bucket is re-partitioned when the consumer asks for
@@ -134,7 +141,7 @@ def iter_gathered_buckets(
     the consumer still holds stay valid until it lets them go. Consumers must
     not modify them. Every rank must iterate to the end.
     """
-    named = list(module.named_parameters())
+    named = [(name, param) for name, param in module.named_parameters() if select is None or select(name)]
     plan = plan_buckets([(name, full_nbytes(param)) for name, param in named], bucket_bytes, packed)
     for indices in plan:
         bucket = [named[i] for i in indices]

@@ -87,6 +87,14 @@ class RolloutConfig:
         "it and the last intact checkpoint.",
     )
     start_timeout: float = doc(900.0, "Disaggregated: seconds a rollout rank may take to start its engine.")
+    lora_sync: Literal["auto", "adapter", "merged"] = doc(
+        "auto",
+        "How a LoRA learner's weights reach the engine. 'adapter': only the adapter's factors, served by vLLM's "
+        "LoRA kernels (the engine starts with LoRA support; an error if vLLM or the adapter cannot do it). "
+        "'merged': the adapter merged into the base weights, all of them streamed (plain, faster kernels). "
+        "'auto': 'adapter' where possible on GPU, else 'merged' (on CPU, vLLM's LoRA kernels halve generation "
+        "speed, which costs more than a merged sync).",
+    )
 
     def validate(self, source: str = "the recipe") -> None:
         """Raise ``ConfigError`` naming the first bad field."""

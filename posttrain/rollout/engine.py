@@ -21,14 +21,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.errors import ConfigError, UserError
 from posttrain.rollout.config import RolloutConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ Prompt = str | Sequence[Message] | Sequence[int]
 
 _VLLM_LOGPROBS_MODE = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The LoRA ranks vLLM can be started with (``vllm.config.lora.MaxLoRARanks``); an adapter may use any rank up to it.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -118,6 +120,47 @@ def _read_hf_config(model_path: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _vllm_lora_unsupported(hf_config: dict) -> str | None:
+    """Why vLLM cannot serve LoRA adapters on this checkpoint's architecture, or None."""
+    from vllm.model_executor.models import ModelRegistry, supports_lora
+
+    for arch in hf_config.get("architectures") or []:
+        # The registry has no public lookup of a class by architecture name; this is the one its resolver uses.
+        model_cls = ModelRegistry._try_load_model_cls(arch)
+        if model_cls is not None:
+            return None if supports_lora(model_cls) else f"vLLM has no LoRA support for {arch}"
+    return None  # not known here: vLLM resolves the architecture at start-up and says what is wrong
+
+
+def engine_lora_mode(setting: str, lora_rank: int | None, *, on_cpu: bool, hf_config: dict) -> tuple[str, int | None]:
+    """``("adapter", vLLM max_lora_rank)`` when an engine should start with LoRA support so that syncs can send
+    only the adapter, else ``("merged", None)``. ``setting`` is ``rollout.lora_sync``; ``lora_rank`` the
+    learner's (None: no LoRA). An impossible ``adapter`` is a ``ConfigError`` naming the reason."""
+    if lora_rank is None:
+        if setting == "adapter":
+            raise ConfigError("rollout.lora_sync is 'adapter', but the learner trains no LoRA adapter.",
+                              hint="Enable model.lora, or set rollout.lora_sync to auto or merged.")
+        return "merged", None
+    if setting == "merged":
+        return "merged", None
+    if setting == "auto" and on_cpu:
+        # vLLM's CPU LoRA ops copy the adapter's weights for every token: generation ran at 0.35-0.5x the
+        # plain model's speed (docs/benchmarks.md, LoRA sync), which costs far more than merging saves.
+        log.info("rollout.lora_sync=auto on CPU: the adapter will be merged (vLLM's CPU LoRA kernels generate "
+                 "at about half speed); set rollout.lora_sync=adapter to send only the adapter")
+        return "merged", None
+    rank = next((r for r in VLLM_LORA_RANKS if r >= lora_rank), None)
+    reason = (f"LoRA rank {lora_rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}" if rank is None
+              else _vllm_lora_unsupported(hf_config))
+    if reason is None:
+        return "adapter", rank
+    if setting == "adapter":
+        raise ConfigError(f"rollout.lora_sync is 'adapter', but {reason}.",
+                          hint="Set rollout.lora_sync to merged (or auto, which falls back to it).")
+    log.info("rollout.lora_sync=auto: %s; the adapter will be merged and streamed with the base weights", reason)
+    return "merged", None
+
+
 def _derive_seed(seed: int, call: int) -> int:
     """A 31-bit seed per generate() call, so calls differ but runs repeat."""
     digest = hashlib.blake2b(f"{seed}:{call}".encode(), digest_size=4).digest()
@@ -180,9 +223,15 @@ class RolloutEngine:
     ``tokenizer``: the learner's tokenizer (it renders chat prompts and
     tokenises strings, so learner and engine see the same ids); loaded from
     ``model_path`` when not given.
+
+    ``lora_rank``: the learner trains a LoRA adapter of this rank (the largest,
+    with per-module ranks). Unless ``cfg.lora_sync`` is ``merged``, the engine
+    then starts with vLLM's LoRA support so that syncs can send only the
+    adapter (``load_adapter``); ``self.lora_sync`` says what was decided.
     """
 
-    def __init__(self, model_path: str | os.PathLike, cfg: RolloutConfig | None = None, *, tokenizer=None) -> None:
+    def __init__(self, model_path: str | os.PathLike, cfg: RolloutConfig | None = None, *, tokenizer=None,
+                 lora_rank: int | None = None) -> None:
         self.cfg = cfg = cfg or RolloutConfig()
         cfg.validate()
         self.model_path = str(model_path)
@@ -205,6 +254,8 @@ class RolloutEngine:
         self.dtype = self._resolve_dtype(hf_config)
         self.max_model_len = cfg.max_model_len or int(hf_config.get("max_position_embeddings", 2048))
         self.kv_cache_bytes = self._resolve_kv_cache_bytes(hf_config)
+        self.lora_sync, self.max_lora_rank = engine_lora_mode(cfg.lora_sync, lora_rank, on_cpu=self.on_cpu,
+                                                              hf_config=hf_config)
 
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
@@ -227,6 +278,9 @@ class RolloutEngine:
         if cfg.tensor_parallel_size > 1:
             # One engine shard per torchrun rank, in the ranks' own processes.
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if self.max_lora_rank is not None:
+            # One adapter at a time: every sync replaces it under a new id (see load_adapter).
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1, max_cpu_loras=1)
 
         start = time.perf_counter()
         with _preserve_process_state():
@@ -236,6 +290,9 @@ class RolloutEngine:
         self._asleep: set[str] = set()
         self._weights_valid = cfg.load_weights
         self._calls = 0
+        self._lora_request = None  # the adapter generate() serves, set by load_adapter
+        self._lora_version = 0
+        self.has_adapter_base = False  # set by load_weights(..., adapter_base=True)
         log.info("rollout engine up in %.1f s (%s, %s, KV cache %s)", self.start_seconds,
                  "cpu" if self.on_cpu else "cuda", self.dtype,
                  f"{self.kv_cache_bytes / 2**20:.0f} MiB" if self.kv_cache_bytes else f"{cfg.memory_fraction:.0%}")
@@ -373,7 +430,7 @@ class RolloutEngine:
 
         start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params,
-                                    use_tqdm=False)
+                                    lora_request=self._lora_request, use_tqdm=False)
         seconds = time.perf_counter() - start
         samples = []
         for group, (request, ids) in enumerate(zip(outputs, token_prompts)):
@@ -393,7 +450,7 @@ class RolloutEngine:
                             temperature=params[0].temperature if params else self.cfg.temperature)
 
     # ---- weights -------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, adapter_base: bool = False) -> None:
         """Overwrite the engine's weights in place from ``(HF checkpoint name, full tensor)`` pairs.
 
         Consumed lazily, one pair at a time, so a generator that gathers bucket by
@@ -403,11 +460,103 @@ class RolloutEngine:
         sharded) and post-load processing (CPU GEMM re-packing, quantisation)
         is redone per layer. Weights not named keep their values. The prefix
         cache is reset: its KV blocks were computed with the old weights.
+
+        Any LoRA adapter is dropped (it was trained against the old weights).
+        ``adapter_base``: these are the base weights a LoRA learner's adapters
+        apply to, so later syncs may send only adapters (``has_adapter_base``).
         """
         if "weights" in self._asleep:
             self.wake_up(["weights"])
+        self.drop_adapter()
+        self.has_adapter_base = False  # until the stream is complete
         self._worker.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         self._weights_valid = True
+        self.has_adapter_base = adapter_base
+        self.reset_prefix_cache()
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    @property
+    def lora_enabled(self) -> bool:
+        """Started with vLLM's LoRA support (``lora_sync == "adapter"``)."""
+        return self.max_lora_rank is not None
+
+    @property
+    def lora_request(self):
+        """The vLLM ``LoRARequest`` generate() passes (the adapter of the last ``load_adapter``), or None."""
+        return self._lora_request
+
+    def _lora_manager(self):
+        manager = getattr(self._worker.model_runner, "lora_manager", None) if self.lora_enabled else None
+        if manager is None:
+            raise RuntimeError("this engine was started without LoRA support: pass lora_rank and leave "
+                               "rollout.lora_sync at auto or adapter")
+        return manager
+
+    def unsupported_lora_modules(self, modules: Iterable[str]) -> list[str]:
+        """Those of ``modules`` (HF module names) on which vLLM cannot apply a LoRA adapter for this model."""
+        manager = self._lora_manager()._adapter_manager
+        expected: set[str] = set()
+        for module in manager.supported_lora_modules:  # vLLM's layer names (qkv_proj) and the HF ones they pack
+            expected.update(manager.packed_modules_mapping.get(module, [module]))
+        return sorted({m for m in modules if m.rpartition(".")[2] not in expected})
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Serve generation with a new LoRA adapter held in memory; return its version (1, 2, ...).
+
+        ``tensors``: ``<HF module>.lora_A.weight`` ``[r, in]`` and ``<HF module>.lora_B.weight``
+        ``[out, r]`` per layer, each layer's scaling already folded into ``lora_B`` (the engine
+        applies none). They are copied. The previous adapter is dropped and the new one gets a new
+        id and name: vLLM keys its adapter cache by id and its prefix cache by name and path, so
+        neither can serve the old factors; the prefix cache is reset as well. The engine's base
+        weights must be the ones the adapter was trained on (see ``load_weights(adapter_base=...)``).
+        """
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+        from vllm.lora.request import LoRARequest
+
+        worker_manager = self._lora_manager()
+        modules = {name.rpartition(".lora_")[0] for name in tensors}
+        unsupported = self.unsupported_lora_modules(modules)
+        if unsupported:
+            raise UserError(f"vLLM cannot apply LoRA to {unsupported[:4]} of this model.",
+                            hint="Leave those modules out of model.lora.target_modules, or set "
+                            "rollout.lora_sync to merged.")
+        rank = max(t.shape[0] for name, t in tensors.items() if ".lora_A." in name)
+        # The scaling is already in lora_B, so vLLM's alpha / r must come out as 1.
+        helper = PEFTHelper.from_dict({"r": rank, "lora_alpha": rank,
+                                       "target_modules": sorted({m.rpartition(".")[2] for m in modules}),
+                                       "vllm_max_position_embeddings": worker_manager.max_position_embeddings})
+        helper.validate_legal(worker_manager.lora_config)
+        dtype = worker_manager.lora_config.lora_dtype
+        # Own copies: vLLM scales lora_B in place (LoRALayerWeights.optimize) and keeps the tensors.
+        copies = {name: t.detach().to("cpu", dtype=dtype, copy=True) for name, t in tensors.items()}
+        if "weights" in self._asleep:
+            self.wake_up(["weights"])
+        self.drop_adapter()
+        version = self._lora_version + 1
+        model = self._worker.model_runner.get_model()
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        lora = LoRAModel.from_lora_tensors(
+            version, copies, helper, device="cpu", dtype=dtype, model_vocab_size=worker_manager.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        # vLLM's WorkerLoRAManager loads adapters from a path only; register the in-memory one with its
+        # model manager directly, as that path does once it has read the files. Activation copies the
+        # factors into the LoRA layers' buffers.
+        worker_manager._adapter_manager.add_adapter(lora)
+        worker_manager._adapter_manager.activate_adapter(version)
+        self._lora_version = version
+        # The path is never read: the adapter stays registered until the next load_adapter or load_weights.
+        self._lora_request = LoRARequest(f"posttrain-sync-{version}", version, f"posttrain://in-memory/{version}")
+        self.reset_prefix_cache()
+        return version
+
+    def drop_adapter(self) -> None:
+        """Stop serving the current LoRA adapter: generation uses the base weights alone."""
+        if self._lora_request is None:
+            return
+        self._lora_manager().remove_adapter(self._lora_request.lora_int_id)
+        self._lora_request = None
         self.reset_prefix_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -429,6 +578,7 @@ class RolloutEngine:
         self._asleep = {"weights", "kv_cache"}
         if level >= 2:
             self._weights_valid = False
+            self.has_adapter_base = False  # discarded with the weights: the next adapter sync sends them again
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocate what sleep() freed: ``["weights"]`` before a sync, everything before generating."""

@@ -144,6 +144,9 @@ class RemoteEngine:
     """
 
     collective = True
+    # Adapter-only LoRA sync to rollout ranks is not implemented: with rollout.lora_sync auto a LoRA learner
+    # merges its adapter and streams full buckets; 'adapter' is refused with this reason.
+    lora_enabled = False
 
     def __init__(self, dist: DistInfo, cfg: RolloutConfig, output_dir: str | Path) -> None:
         self.dist, self.cfg = dist, cfg

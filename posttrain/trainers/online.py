@@ -216,8 +216,9 @@ class OnlineRollouts:
             return
         from posttrain.rollout import RolloutEngine
 
+        lora = self.cfg.model.lora  # a LoRA learner's engine may serve its adapter (rollout.lora_sync)
         self.engine = RolloutEngine(self.cfg.rollout.model or self.cfg.model.path, self.cfg.rollout,
-                                    tokenizer=self.tokenizer)
+                                    tokenizer=self.tokenizer, lora_rank=lora.r if lora.enabled else None)
 
     def rows(self, step: int) -> list[PromptRow]:
         """This rank's contiguous share of the step's prompts."""
@@ -242,7 +243,8 @@ class OnlineRollouts:
         return rewards, scores
 
     def sync(self, learner):
-        """Stream the learner's weights into the engine (LoRA merged on the fly); returns ``SyncStats``."""
+        """Stream the learner's weights into the engine (LoRA: the adapter alone or merged, per
+        rollout.lora_sync); returns ``SyncStats``."""
         from posttrain.rollout import sync_weights
 
         lora = self.cfg.model.lora

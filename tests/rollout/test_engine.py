@@ -284,6 +284,7 @@ def test_sync_peft_lora_merges_adapter(engine, tiny_model):
     stats = sync_weights(engine, peft_model, bucket_bytes=150 * 1024)
     print(f"\nsync (PEFT LoRA, merged): {stats.seconds * 1000:.1f} ms, {stats.num_buckets} buckets")
     assert stats.bytes == sum(p.numel() * p.element_size() for p in base.parameters())  # merged, HF-shaped
+    assert stats.mode == "merged" and engine.lora_sync == "merged"  # an engine started without LoRA support
     assert _vllm_greedy(engine) != base_out, "the adapter should change greedy outputs"
     _assert_matches_hf(engine, peft_model)
 
