@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Curves copied into runs/quickstart/plots (the trainers write more in their own plots/ folders).
 # The task and its three disjoint question sets (posttrain.data.synthetic).
 TASK = "largest"
-SFT_QUESTIONS = 1000  # one pass: the format and a little of the skill
+SFT_QUESTIONS = 1000  # two passes: the format and some of the skill
 RL_QUESTIONS = 3000
 TEST_QUESTIONS = 200
-SFT_EPOCHS = 1
+SFT_EPOCHS = 2
 
 GRPO_PLOTS = ("reward-mean_eval-reward.png", "eval-accuracy.png", "kl.png", "time-samples_per_s.png")
 
