@@ -12,13 +12,18 @@ Supports:
     the sampler's and the learner's log-probs; several optimisation epochs and mini-batches per rollout
   - DeepSpeed ZeRO 0-3, LoRA, 1..N processes, colocated or disaggregated placement (``rollout.placement``),
     checkpoints and exact ``resume=auto`` on CPU
+  - disaggregated, a one-step-async schedule (``rollout.schedule=one_step_async``): step t+1 is generated
+    while step t trains, one policy version stale (``staleness``), corrected by ``grpo.tis_cap``; a resumed
+    run regenerates the batch that was in flight
 
 Assumes:
   - prompt-only data (``prompt`` plus columns the rewards read, e.g. ``answer``)
   - ``train.max_steps`` rollout steps; ``train.global_batch_size`` sequences per optimizer step
 
 DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (Shao et al., 2024);
-HybridFlow: A Flexible and Efficient RLHF Framework (Sheng et al., 2024) for the colocated design.
+HybridFlow: A Flexible and Efficient RLHF Framework (Sheng et al., 2024) for the colocated design;
+Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models (Noukhovitch et al., 2024)
+for the one-step-async schedule.
 """
 
 from __future__ import annotations
