@@ -525,7 +525,8 @@ def _scale_run(args: argparse.Namespace, model: Path, data: Path, tmp: Path, pro
                schedule: str) -> dict:
     """One ``posttrain run`` of GRPO; the medians of its per-step timings after the warm-up step."""
     out = tmp / f"run-{processes}-{placement}-{schedule}-{time.monotonic_ns()}"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // processes)))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "posttrain.cli.main", "run", str(REPO / "recipes" / "grpo.yaml"),
                "--nproc", str(processes), *_scale_overrides(args, model, data, out, placement, schedule)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
@@ -537,7 +538,7 @@ def _scale_run(args: argparse.Namespace, model: Path, data: Path, tmp: Path, pro
     return {"step_s": step_s, "samples_per_s": args.prompts * args.n / step_s,
             **{key: statistics.median(r.get(f"time/{key}_s", 0.0) for r in timed)
                for key in ("generate", "train", "sync", "generate_wait")},
-            "staleness": max(r.get("staleness", 0.0) for r in timed)}
+            "staleness": max(r.get("staleness", 0.0) for r in timed), "threads": threads}
 
 
 def worker_scale(args: argparse.Namespace) -> dict:
@@ -609,7 +610,8 @@ def scale_result(args: argparse.Namespace, runs: dict[str, list[dict]], sync: li
     return {"machine": machine(), "load_average": {"start": load[:3], "end": load[3:]},
             "settings": {"prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens, "steps": args.steps,
                          "repeats": args.repeats, "hidden": args.hidden, "layers": args.layers,
-                         "micro_batch": args.micro_batch, "bucket_mb": args.bucket_mb},
+                         "micro_batch": args.micro_batch, "bucket_mb": args.bucket_mb,
+                         "threads": args.threads or "cores / processes"},
             "setups": setups, "sync": sync}
 
 
@@ -712,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--sizes", type=int, default=len(SYNC_SIZES), help="how many sync model sizes (about 1M, 10M, 100M)")
     scale.add_argument("--bucket-mb", type=int, default=32, help="weight-sync bucket size")
     scale.add_argument("--rounds", type=int, default=3, help="timed syncs per model size (after a warm-up one)")
+    scale.add_argument("--threads", type=int, default=0,
+                       help="torch threads per process (OMP_NUM_THREADS); 0: cores / processes")
     scale.add_argument("--plot", default=str(SCALE_PLOT), help="PNG of the figures")
     scale.add_argument("--seed", type=int, default=0)
     scale.add_argument("--worker", choices=("sync",), help=argparse.SUPPRESS)

@@ -80,7 +80,7 @@ def scale_run(step_s: float, wait: float = 0.0, staleness: float = 0.0) -> dict:
 
 def scale_args(**extra) -> argparse.Namespace:
     values = {"prompts": 8, "n": 8, "max_tokens": 32, "steps": 3, "repeats": 3, "hidden": 256, "layers": 4,
-              "micro_batch": 16, "bucket_mb": 32}
+              "micro_batch": 16, "bucket_mb": 32, "threads": 0}
     return argparse.Namespace(**{**values, **extra})
 
 
@@ -116,5 +116,5 @@ def test_scale_subcommand_is_registered(bench, capsys):
         bench.main(["scale", "--help"])
     assert done.value.code == 0
     usage = capsys.readouterr().out
-    for option in ("--steps", "--repeats", "--sizes", "--bucket-mb", "--plot"):
+    for option in ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot"):
         assert option in usage
