@@ -1,7 +1,9 @@
 """Benchmarks against the reference implementations, side by side in one run.
 
     python scripts/bench.py dpo [--steps 8] [--repeats 3] [--batch 8] [--hidden 256] [--layers 4]
+    python scripts/bench.py grpo [--steps 4] [--repeats 3] [--prompts 8] [--n 8] [--max-tokens 32] [--threads N]
     python scripts/bench.py lora-sync [--sizes tiny 512x8] [--rank 16] [--syncs 5] [--repeats 2]
+    python scripts/bench.py scale [--steps 3] [--repeats 1]
 
 Each subcommand measures one thing, prints a table, and merges its section into
 ``bench/results.json`` (other sections are kept). Every side runs in its own
@@ -15,6 +17,9 @@ Subcommands:
         non-pad tokens of the chosen and rejected sequences (prompt included)
         of the timed steps; a step is forward + backward + optimizer step; the
         first (warm-up) step and all setup are excluded.
+  grpo  samples/s of posttrain's GRPO step (generate + reward + update + sync) against TRL's
+        GRPOTrainer (HF generate and vLLM colocate); our rollout against a bare vLLM generate;
+        the weight sync's share of the step (docs/benchmarks.md).
   lora-sync
         weight sync of a PEFT LoRA learner into the rollout engine, adapter only
         (rollout.lora_sync=adapter: vLLM's LoRA kernels serve the factors) against
@@ -22,6 +27,10 @@ Subcommands:
         bytes per sync, the first adapter sync (which also sends the base), and
         what each engine then generates per second. Every sync's result is checked
         against transformers + PEFT greedy output.
+  scale GRPO step time and samples/s for 1 vs 2 processes, colocated and
+        disaggregated, sync and one-step async (each a ``posttrain run``; medians
+        of the per-step timings after a warm-up step); weight-sync seconds and
+        peak extra memory for models of about 1M, 10M and 100M parameters.
 
 Adding a benchmark: write ``bench_NAME(args) -> dict`` and a ``worker_NAME``
 if it needs clean processes, and register it in ``COMMANDS``.
@@ -647,11 +656,179 @@ def print_lora_sync(result: dict) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
+# ----------------------------------------------------------------------------- scale
+
+# (label, processes, placement, schedule): what one more process buys, and where it goes.
+SCALE_RUNS = (
+    ("1 process", 1, "colocated", "sync"),
+    ("2 colocated", 2, "colocated", "sync"),
+    ("2 disaggregated", 2, "disaggregated", "sync"),
+    ("2 disaggregated async", 2, "disaggregated", "one_step_async"),
+)
+SYNC_SIZES = ((128, 3), (320, 6), (768, 10))  # (hidden, layers): about 1M, 10M and 100M parameters
+SCALE_PLOT = REPO / "docs" / "img" / "scale.png"
+
+
+def _scale_overrides(args: argparse.Namespace, model: Path, data: Path, out: Path, placement: str,
+                     schedule: str) -> list[str]:
+    batch = args.prompts * args.n
+    return [f"model.path={model}", f"data.path={data}", "data.eval_path=null", "data.eval_fraction=0",
+            f"output_dir={out}", f"train.max_steps={args.steps + 1}", f"grpo.prompts_per_step={args.prompts}",
+            f"rollout.n={args.n}", f"rollout.max_tokens={args.max_tokens}", "rollout.temperature=1.0",
+            "rollout.enforce_eager=true", f"rollout.placement={placement}", f"rollout.schedule={schedule}",
+            f"train.global_batch_size={batch}", f"train.micro_batch_size={args.micro_batch}",
+            f"learner.lr={GRPO_LR}", "learner.scheduler=constant", "grpo.rewards=[{name: math_verify}]",
+            "grpo.eval_prompts=0", "logging.progress=false", "logging.tensorboard=false", "logging.plots=false",
+            "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"seed={args.seed}"]
+
+
+def _scale_run(args: argparse.Namespace, model: Path, data: Path, tmp: Path, processes: int, placement: str,
+               schedule: str) -> dict:
+    """One ``posttrain run`` of GRPO; the medians of its per-step timings after the warm-up step."""
+    out = tmp / f"run-{processes}-{placement}-{schedule}-{time.monotonic_ns()}"
+    threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "posttrain.cli.main", "run", str(REPO / "recipes" / "grpo.yaml"),
+               "--nproc", str(processes), *_scale_overrides(args, model, data, out, placement, schedule)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"scale run {processes} {placement} {schedule} failed:\n{done.stderr[-4000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [r for r in records if "time/step_s" in r][1:]  # step 1: warm caches, and async has nothing ahead
+    step_s = statistics.median(r["time/step_s"] for r in timed)
+    return {"step_s": step_s, "samples_per_s": args.prompts * args.n / step_s,
+            **{key: statistics.median(r.get(f"time/{key}_s", 0.0) for r in timed)
+               for key in ("generate", "train", "sync", "generate_wait")},
+            "staleness": max(r.get("staleness", 0.0) for r in timed), "threads": threads}
+
+
+def worker_scale(args: argparse.Namespace) -> dict:
+    """Weight-sync cost for one model size: a fresh engine and learner module in this process, ``--rounds``
+    syncs after a warm-up one; median seconds, largest bucket and measured peak growth."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models.tiny import make_tiny_model
+    from posttrain.rollout import RolloutConfig, RolloutEngine, sync_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers,
+                               num_heads=args.hidden // 64, seed=0)
+        params = json.loads((path / "posttrain_tiny.json").read_text())["parameters"]
+        engine = RolloutEngine(path, RolloutConfig(enforce_eager=True, max_model_len=128, max_num_seqs=4))
+        module = AutoModelForCausalLM.from_pretrained(path)
+        try:
+            stats = [sync_weights(engine, module, bucket_bytes=args.bucket_mb * 2**20) for _ in range(args.rounds + 1)]
+        finally:
+            engine.close()
+    timed = stats[1:]
+    measured = [s.measured_peak_bytes for s in timed if s.measured_peak_bytes is not None]
+    return {"parameters": params, "model_bytes": timed[0].bytes, "seconds": statistics.median(s.seconds for s in timed),
+            "peak_bucket_bytes": timed[0].peak_bucket_bytes, "num_buckets": timed[0].num_buckets,
+            "measured_peak_bytes": max(measured) if measured else None, "memory_source": timed[0].memory_source}
+
+
+def bench_scale(args: argparse.Namespace) -> dict:
+    from posttrain.data.synthetic import write_task
+    from posttrain.models.tiny import make_tiny_model
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in SCALE_RUNS}
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        model = make_tiny_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers,
+                                num_heads=args.hidden // 64, seed=0)
+        data = write_task("arithmetic", tmp / "data", train=max(200, args.prompts * (args.steps + 1)), test=0,
+                          seed=args.seed)["train"]
+        for repeat in range(args.repeats):
+            for label, processes, placement, schedule in SCALE_RUNS if repeat % 2 == 0 else SCALE_RUNS[::-1]:
+                runs[label].append(_scale_run(args, model, data, tmp, processes, placement, schedule))
+                print(f"  repeat {repeat + 1}/{args.repeats} {label:>24}: {runs[label][-1]['step_s']:.2f} s/step",
+                      flush=True)
+    sync = []
+    for hidden, layers in SYNC_SIZES[: args.sizes]:
+        sync.append(run_worker("scale", "--worker", "sync", "--hidden", str(hidden), "--layers", str(layers),
+                               "--bucket-mb", str(args.bucket_mb), "--rounds", str(args.rounds)))
+        print(f"  sync {sync[-1]['parameters'] / 1e6:6.1f}M parameters: {sync[-1]['seconds']:.3f} s", flush=True)
+    result = scale_result(args, runs, sync, load_at_start + [round(x, 2) for x in os.getloadavg()])
+    plot_scale(result, Path(args.plot))
+    result["plot"] = os.path.relpath(args.plot, REPO)
+    return result
+
+
+def scale_result(args: argparse.Namespace, runs: dict[str, list[dict]], sync: list[dict], load: list[float]) -> dict:
+    """The ``scale`` section: per setup the medians over repeats and the speed-up over one process; the sync
+    figures per model size."""
+    setups = {}
+    for label, processes, placement, schedule in SCALE_RUNS:
+        if not runs.get(label):
+            continue
+        setups[label] = {"processes": processes, "placement": placement, "schedule": schedule,
+                         **{key: statistics.median(r[key] for r in runs[label]) for key in runs[label][0]},
+                         "runs_step_s": [round(r["step_s"], 4) for r in runs[label]]}
+    base = setups.get(SCALE_RUNS[0][0])
+    for values in setups.values():
+        values["speedup"] = base["step_s"] / values["step_s"] if base else None
+    return {"machine": machine(), "load_average": {"start": load[:3], "end": load[3:]},
+            "settings": {"prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens, "steps": args.steps,
+                         "repeats": args.repeats, "hidden": args.hidden, "layers": args.layers,
+                         "micro_batch": args.micro_batch, "bucket_mb": args.bucket_mb,
+                         "threads": args.threads or "cores / processes"},
+            "setups": setups, "sync": sync}
+
+
+def plot_scale(result: dict, path: Path) -> None:
+    """Left: samples/s per setup; right: sync seconds and peak extra memory against parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = list(result["setups"])
+    left.barh(labels[::-1], [result["setups"][k]["samples_per_s"] for k in labels[::-1]], color="tab:blue")
+    left.set_xlabel("GRPO samples/s (median)")
+    left.set_title("step throughput")
+    sync = result["sync"]
+    if sync:
+        params = [s["parameters"] for s in sync]
+        right.plot(params, [s["seconds"] for s in sync], "o-", color="tab:red", label="sync seconds")
+        right.set_xscale("log")
+        right.set_xlabel("parameters")
+        right.set_ylabel("seconds", color="tab:red")
+        memory = right.twinx()
+        memory.plot(params, [(s["measured_peak_bytes"] or 0) / 2**20 for s in sync], "s--", color="tab:green",
+                    label="measured peak extra")
+        memory.plot(params, [s["model_bytes"] / 2**20 for s in sync], ":", color="gray", label="model size")
+        memory.set_ylabel("MiB", color="tab:green")
+        memory.legend(loc="upper left", fontsize=8)
+        right.set_title(f"weight sync ({result['settings']['bucket_mb']} MiB buckets)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_scale(result: dict) -> None:
+    print(f"\n{'setup':<24} {'step s':>8} {'samples/s':>10} {'speed-up':>9} {'gen s':>7} {'train s':>8} "
+          f"{'sync s':>7} {'wait s':>7} {'stale':>6}")
+    for label, v in result["setups"].items():
+        print(f"{label:<24} {v['step_s']:8.2f} {v['samples_per_s']:10.1f} {v['speedup']:8.2f}x {v['generate']:7.2f} "
+              f"{v['train']:8.2f} {v['sync']:7.3f} {v['generate_wait']:7.2f} {v['staleness']:6.0f}")
+    print(f"\n{'parameters':>12} {'model MiB':>10} {'sync s':>8} {'buckets':>8} {'largest bucket MiB':>19} "
+          f"{'peak extra MiB':>15}")
+    for s in result["sync"]:
+        peak = "n/a" if s["measured_peak_bytes"] is None else f"{s['measured_peak_bytes'] / 2**20:.1f}"
+        print(f"{s['parameters']:>12,} {s['model_bytes'] / 2**20:10.1f} {s['seconds']:8.3f} {s['num_buckets']:8d} "
+              f"{s['peak_bucket_bytes'] / 2**20:19.1f} {peak:>15}")
+    print(f"load average {result['load_average']}")
+
+
 COMMANDS = {
     # name: (benchmark, worker or None, printer)
     "dpo": (bench_dpo, worker_dpo, print_dpo),
     "grpo": (bench_grpo, worker_grpo, print_grpo),
     "lora-sync": (bench_lora_sync, worker_lora_sync, print_lora_sync),
+    "scale": (bench_scale, worker_scale, print_scale),
 }
 
 
@@ -697,7 +874,24 @@ def main(argv: list[str] | None = None) -> int:
     lora.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (OMP_NUM_THREADS)")
     lora.add_argument("--model", help=argparse.SUPPRESS)
     lora.add_argument("--worker", choices=LORA_MODES, help=argparse.SUPPRESS)
-    for p in (dpo, grpo, lora):
+    scale = sub.add_parser("scale", help="step time over processes, placements and schedules; sync cost over model sizes")
+    scale.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
+    scale.add_argument("--repeats", type=int, default=1, help="runs per setup, alternating order")
+    scale.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    scale.add_argument("--n", type=int, default=8, help="samples per prompt")
+    scale.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+    scale.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch and rank")
+    scale.add_argument("--hidden", type=int, default=256, help="model of the step-time runs")
+    scale.add_argument("--layers", type=int, default=4)
+    scale.add_argument("--sizes", type=int, default=len(SYNC_SIZES), help="how many sync model sizes (about 1M, 10M, 100M)")
+    scale.add_argument("--bucket-mb", type=int, default=32, help="weight-sync bucket size")
+    scale.add_argument("--rounds", type=int, default=3, help="timed syncs per model size (after a warm-up one)")
+    scale.add_argument("--threads", type=int, default=0,
+                       help="torch threads per process (OMP_NUM_THREADS); 0: cores / processes")
+    scale.add_argument("--plot", default=str(SCALE_PLOT), help="PNG of the figures")
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--worker", choices=("sync",), help=argparse.SUPPRESS)
+    for p in (dpo, grpo, lora, scale):
         p.add_argument("--output", default=str(RESULTS), help="results file (sections are merged)")
     args = parser.parse_args(argv)
     bench, worker, show = COMMANDS[args.command]

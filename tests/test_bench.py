@@ -94,3 +94,49 @@ def test_lora_sync_result_compares_the_modes_per_size(bench, capsys):
     bench.print_lora_sync(result)
     table = capsys.readouterr().out
     assert "adapter sync 17.3x faster, 8x fewer bytes" in table and "0.74x" in table
+
+def scale_run(step_s: float, wait: float = 0.0, staleness: float = 0.0) -> dict:
+    return {"step_s": step_s, "samples_per_s": 64 / step_s, "generate": 1.0, "train": 1.0, "sync": 0.05,
+            "generate_wait": wait, "staleness": staleness}
+
+
+def scale_args(**extra) -> argparse.Namespace:
+    values = {"prompts": 8, "n": 8, "max_tokens": 32, "steps": 3, "repeats": 3, "hidden": 256, "layers": 4,
+              "micro_batch": 16, "bucket_mb": 32, "threads": 0}
+    return argparse.Namespace(**{**values, **extra})
+
+
+def test_scale_result_takes_medians_and_speedups_over_one_process_and_plots(bench, tmp_path, capsys):
+    runs = {"1 process": [scale_run(4.0), scale_run(3.0), scale_run(9.0)],
+            "2 colocated": [scale_run(2.5)] * 3,
+            "2 disaggregated async": [scale_run(2.0, wait=0.5, staleness=1.0), scale_run(6.0, 0.1, 1.0)]}
+    sync = [{"parameters": 10**6, "model_bytes": 4 * 10**6, "seconds": 0.01, "peak_bucket_bytes": 4 * 10**6,
+             "num_buckets": 1, "measured_peak_bytes": 5 * 10**6, "memory_source": "rss_high_water"},
+            {"parameters": 10**8, "model_bytes": 4 * 10**8, "seconds": 0.9, "peak_bucket_bytes": 3 * 10**7,
+             "num_buckets": 14, "measured_peak_bytes": None, "memory_source": None}]
+    result = bench.scale_result(scale_args(), runs, sync, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    setups = result["setups"]
+    assert list(setups) == ["1 process", "2 colocated", "2 disaggregated async"]  # a setup without runs is left out
+    assert setups["1 process"]["step_s"] == 4.0 and setups["1 process"]["speedup"] == 1.0
+    assert setups["2 colocated"]["speedup"] == pytest.approx(1.6)
+    async_run = setups["2 disaggregated async"]
+    assert async_run["step_s"] == 4.0 and async_run["generate_wait"] == pytest.approx(0.3)
+    assert async_run["staleness"] == 1.0 and async_run["schedule"] == "one_step_async"
+    assert result["load_average"] == {"start": [1.0, 2.0, 3.0], "end": [4.0, 5.0, 6.0]}
+    assert result["sync"] == sync
+    plot = tmp_path / "scale.png"
+    bench.plot_scale(result, plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bench.print_scale(result)
+    table = capsys.readouterr().out
+    assert "1.60x" in table and "n/a" in table and "100,000,000" in table
+
+
+def test_scale_subcommand_is_registered(bench, capsys):
+    assert "scale" in bench.COMMANDS
+    with pytest.raises(SystemExit) as done:
+        bench.main(["scale", "--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot"):
+        assert option in usage

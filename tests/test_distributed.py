@@ -8,7 +8,9 @@ One optimizer step per rollout: with several mini-batches their composition woul
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -134,3 +136,60 @@ def test_failed_rollout_rank_stops_the_run_naming_it(fault, tiny_model, arithmet
     assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
     assert not (out / "checkpoints" / "step-000002").exists()
     assert elapsed < 240
+
+
+ASYNC = "rollout.schedule=one_step_async"
+
+
+def test_one_step_async_trains_on_one_step_stale_batches_and_resumes(common, one_process, tmp_path):
+    """One-step async: step 1 is generated before anything trains, so it is the synchronous run's step 1 (same
+    samples; the separate old-log-prob forward and TIS weights of ~1 leave the update nearly unchanged). Step 2
+    was generated while step 1 trained, with the weights before its update: staleness 1, and the learner's
+    log-probs of its tokens differ from the sampler's. A run resumed from the step-1 checkpoint regenerates
+    step 2 on-policy (the batch in flight is not checkpointed)."""
+    out = tmp_path / "async"
+    args = ["run", RECIPE, "--nproc", "2", DISAGGREGATED, ASYNC, "grpo.tis_cap=2.0", "checkpoint.every_n_steps=1",
+            *common, f"output_dir={out}"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = steps_of(out)
+    assert sorted(steps) == [1, 2]
+    first, second = steps[1], steps[2]
+    assert first["staleness"] == 0 and second["staleness"] == 1
+    assert first["reward/mean"] == pytest.approx(one_process[1]["reward/mean"], abs=1e-6)
+    assert first["completion_tokens"] == pytest.approx(one_process[1]["completion_tokens"], abs=1e-6)
+    assert first["grad_norm"] == pytest.approx(one_process[1]["grad_norm"], rel=1e-2)
+    assert first["drift/abs_diff_max"] < 1e-3 < second["drift/abs_diff_max"]  # step 2 was sampled off-policy
+    assert second["drift/tis_max_ratio"] != pytest.approx(1.0, abs=1e-4)
+    for record in steps.values():
+        assert all(math.isfinite(record[k]) for k in ("reward/mean", "loss", "grad_norm", "time/generate_wait_s"))
+    assert math.isfinite(second["eval/reward"])
+
+    shutil.rmtree(out / "checkpoints" / "step-000002")
+    resumed = run_cli(*args, f"resume={out / 'checkpoints' / 'step-000001'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = steps_of(out)
+    assert sorted(again) == [1, 2] and again[1] == first
+    assert again[2]["staleness"] == 0 and again[2]["drift/abs_diff_max"] < 1e-3
+    assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def test_one_step_async_hung_rollout_rank_is_found_while_the_learners_wait(tiny_model, arithmetic_data, tmp_path):
+    """Request 3 is step 2's generation, submitted while step 1 trains: the leader waits rollout.timeout for it."""
+    timeout = 15
+    result = run_cli("run", RECIPE, "--nproc", "2", *grpo_args(tiny_model, arithmetic_data, tmp_path / "r",
+                                                               DISAGGREGATED, ASYNC, f"rollout.timeout={timeout}"),
+                     env={"POSTTRAIN_FAULT_ROLLOUT_HANG_AT_REQUEST": "3"}, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: rollout rank 1 ")]
+    assert len(lines) == 1 and f"did not answer within rollout.timeout={timeout} s while generating" in lines[0], \
+        result.stderr[-3000:]
+
+
+def test_one_step_async_needs_the_disaggregated_placement(tiny_model, arithmetic_data, tmp_path):
+    colocated = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "r", ASYNC), "--check")
+    assert colocated.returncode == 2 and "Traceback" not in colocated.stderr
+    assert "rollout.schedule=one_step_async" in colocated.stderr and "rollout.placement=disaggregated" in colocated.stderr
+    ok = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "r", ASYNC, DISAGGREGATED),
+                 "--nproc", "2", "--check")
+    assert ok.returncode == 0, ok.stderr[-2000:]

@@ -95,6 +95,12 @@ class RolloutConfig:
         "'auto': 'adapter' where possible on GPU, else 'merged' (on CPU, vLLM's LoRA kernels halve generation "
         "speed, which costs more than a merged sync).",
     )
+    schedule: Literal["sync", "one_step_async"] = doc(
+        "sync",
+        "Online trainers: 'sync' generates each step's batch with the latest weights; 'one_step_async' "
+        "(disaggregated only) lets the rollout ranks generate step t+1 while the learners train on step t, with "
+        "weights one step stale (logged as staleness; pair it with grpo.tis_cap, docs/rl.md).",
+    )
 
     def validate(self, source: str = "the recipe") -> None:
         """Raise ``ConfigError`` naming the first bad field."""
@@ -122,6 +128,12 @@ class RolloutConfig:
         if self.placement == "disaggregated" and self.tensor_parallel_size != 1:
             raise ConfigError(f"rollout.tensor_parallel_size in {source} must be 1 with rollout.placement="
                               f"disaggregated (one engine per rollout rank), got {self.tensor_parallel_size}.")
+        if self.schedule == "one_step_async" and self.placement != "disaggregated":
+            # Colocated, the engine and the learner share the process and its devices: nothing could overlap.
+            raise ConfigError(f"rollout.schedule=one_step_async in {source} needs rollout.placement=disaggregated "
+                              "(generation overlaps training only on rollout ranks of their own).",
+                              hint="Set rollout.placement=disaggregated and run with --nproc 2 or more, or use "
+                              "rollout.schedule=sync.")
 
     @property
     def rollout_ranks(self) -> int:

@@ -155,6 +155,7 @@ class RemoteEngine:
         self.link = _link() if dist.is_main else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.failed = False
+        self.pending: Any = None  # a submitted generate: (n, prompts per learner), or the leader's error
         if self.link is not None:
             self._wait_ready()
 
@@ -171,36 +172,64 @@ class RemoteEngine:
     def generate(self, prompts: Sequence, *, n: int | None = None, seed: int | None = None,
                  seeds: Sequence[int] | None = None, **sampling) -> RolloutBatch:
         """This learner's prompts sampled on the rollout ranks; arguments as ``RolloutEngine.generate``."""
+        self.submit(prompts, n=n, seed=seed, seeds=seeds, **sampling)
+        return self.collect()
+
+    def submit(self, prompts: Sequence, *, n: int | None = None, seed: int | None = None,
+               seeds: Sequence[int] | None = None, **sampling) -> None:
+        """Start a ``generate`` on the rollout ranks without waiting for it; ``collect`` returns its result.
+
+        Collective over the learners. The rollout ranks work through requests in order, so the learners may
+        train meanwhile (``rollout.schedule=one_step_async``); ``collect`` must come before the next request.
+        """
         import torch.distributed as dist
 
+        if self.pending is not None:
+            raise RuntimeError("RemoteEngine.submit: the previous generate was not collected")
         n = self.cfg.n if n is None else n
         if seeds is None and seed is not None:
             seeds = [seed + i * n for i in range(len(prompts))]
         mine = (list(prompts), None if seeds is None else list(seeds))
         gathered = [None] * self.dist.world_size if self.dist.is_main else None
         dist.gather_object(mine, gathered, dst=0)
+        self.pending = (n, [len(ps) for ps, _ in gathered]) if self.dist.is_main else (n, None)
+        if self.dist.is_main:
+            sent = self._leader(lambda: self._send_generate(gathered, n, sampling))
+            if isinstance(sent, BaseException):
+                self.pending = sent
+
+    def collect(self) -> RolloutBatch:
+        """The samples of the submitted ``generate`` (waits for them, at most ``rollout.timeout`` per answer)."""
+        import torch.distributed as dist
+
+        if self.pending is None:
+            raise RuntimeError("RemoteEngine.collect: nothing was submitted")
+        pending, self.pending = self.pending, None
         parts: list = [None] * self.dist.world_size
         if self.dist.is_main:
-            parts = self._leader(lambda: self._generate_all(gathered, n, sampling))
+            parts = pending if isinstance(pending, BaseException) else self._leader(lambda: self._receive(*pending))
             if isinstance(parts, BaseException):
                 parts = [parts] * self.dist.world_size
         received: list = [None]
         dist.scatter_object_list(received, parts if self.dist.is_main else None, src=0)
         return _raise_if_error(received[0])
 
-    def _generate_all(self, gathered, n: int, sampling: dict) -> list[RolloutBatch]:
+    def _send_generate(self, gathered, n: int, sampling: dict) -> None:
         prompts = [p for ps, _ in gathered for p in ps]
         # Without seeds every learner's seeds would be None: the rollout ranks' engines then derive their own.
         seeds = None if any(s is None for _, s in gathered) else [x for _, s in gathered for x in s]
         shares = _shares(len(prompts), len(self.link.members) - 1)
-        requests, start = [], 0
-        for count in shares:
+        start = 0
+        for member, count in enumerate(shares, start=1):
             chunk = slice(start, start + count)
-            requests.append(("generate", {"prompts": prompts[chunk], "n": n, "sampling": sampling,
-                                          "seeds": None if seeds is None else seeds[chunk]}))
+            request = ("generate", {"prompts": prompts[chunk], "n": n, "sampling": sampling,
+                                    "seeds": None if seeds is None else seeds[chunk]})
+            self._guard(member, "generating", lambda m=member, r=request: self.link.send(r, m, self.timeout))
             start += count
-        batches = self._ask(requests, "generating")
-        return _split(_merge(batches, n), [len(ps) for ps, _ in gathered])
+
+    def _receive(self, n: int, counts: list[int]) -> list[RolloutBatch]:
+        batches = [self._answer(member, "generating") for member in range(1, len(self.link.members))]
+        return _split(_merge(batches, n), counts)
 
     # ---- weights -------------------------------------------------------------------------------
     def load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], stats=None) -> None:
@@ -242,6 +271,13 @@ class RemoteEngine:
         """Tell the rollout ranks to shut down (not after a failure: a dead or stuck rank would not listen)."""
         if self.link is None or self.failed:
             return
+        if isinstance(self.pending, tuple):  # a prefetch still in flight: take its answers, or stop would wait
+            for member in range(1, len(self.link.members)):
+                try:
+                    self.link.recv(member, self.timeout)
+                except RuntimeError as err:
+                    log.warning("rollout rank %d did not finish its last generate: %s", self.link.members[member], err)
+            self.pending = None
         for member in range(1, len(self.link.members)):
             try:
                 self.link.send(("stop", None), member, timedelta(seconds=min(self.cfg.timeout, 30)))
@@ -256,12 +292,6 @@ class RemoteEngine:
             return work()
         except UserError as err:
             return err
-
-    def _ask(self, requests: list[tuple[str, Any]], doing: str) -> list[Any]:
-        """One request to each rollout rank (in member order), then their answers in the same order."""
-        for member, request in enumerate(requests, start=1):
-            self._guard(member, doing, lambda m=member, r=request: self.link.send(r, m, self.timeout))
-        return [self._answer(member, doing) for member in range(1, len(requests) + 1)]
 
     def _each(self, members: Iterable[int], doing: str, action) -> None:
         for member in members:

@@ -12,13 +12,18 @@ Supports:
     the sampler's and the learner's log-probs; several optimisation epochs and mini-batches per rollout
   - DeepSpeed ZeRO 0-3, LoRA, 1..N processes, colocated or disaggregated placement (``rollout.placement``),
     checkpoints and exact ``resume=auto`` on CPU
+  - disaggregated, a one-step-async schedule (``rollout.schedule=one_step_async``): step t+1 is generated
+    while step t trains, one policy version stale (``staleness``), corrected by ``grpo.tis_cap``; a resumed
+    run regenerates the batch that was in flight
 
 Assumes:
   - prompt-only data (``prompt`` plus columns the rewards read, e.g. ``answer``)
   - ``train.max_steps`` rollout steps; ``train.global_batch_size`` sequences per optimizer step
 
 DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (Shao et al., 2024);
-HybridFlow: A Flexible and Efficient RLHF Framework (Sheng et al., 2024) for the colocated design.
+HybridFlow: A Flexible and Efficient RLHF Framework (Sheng et al., 2024) for the colocated design;
+Asynchronous RLHF: Faster and More Efficient Off-Policy RL for Language Models (Noukhovitch et al., 2024)
+for the one-step-async schedule.
 """
 
 from __future__ import annotations
@@ -197,12 +202,14 @@ class Recipe:
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
         timings["train"] = time.perf_counter() - t2
 
+        timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
         t3 = time.perf_counter()
         sync = self.rollouts.sync(self.learner)
         timings["sync"] = time.perf_counter() - t3
         timings["step"] = time.perf_counter() - t0
         metrics = online.rollout_metrics(batch, rewards, scores, drift, sync, timings,
                                          verifier=self.rollouts.verifier)
+        metrics["staleness"] = float(self.rollouts.staleness)
         dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
         metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": update["kl"],
                         "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"],
@@ -218,11 +225,13 @@ class Recipe:
         optimizer steps once, after the last one), so its detached log-probs *are* the old log-probs: the
         ratio is exactly 1 and the gradient is the same, one forward fewer per step (TRL does the same).
         Truncated importance sampling and a KL penalty in the reward need the old log-probs before the
-        update, so they keep the separate forward.
+        update, so they keep the separate forward; so does one-step async, where the old log-probs are the
+        current learner's (the proximal policy) and must exist before the update, apart from the stale
+        sampler's.
         """
         g = self.cfg.grpo
         return (g.epochs == 1 and self.plan["mini_batches"] == 1 and g.tis_cap is None
-                and not (g.kl_coef and g.kl_in == "reward"))
+                and not (g.kl_coef and g.kl_in == "reward") and self.cfg.rollout.schedule == "sync")
 
     def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int) -> torch.Tensor:
         g = self.cfg.grpo

@@ -207,6 +207,9 @@ class OnlineRollouts:
         self.verifier = next((label for label, reward in self.rewards.rewards.items()
                               if getattr(reward, "name", None) in VERIFIER_REWARDS), None)
         self.engine = None
+        self.staleness = 0  # policy lag of the last batch, in steps
+        self.inflight: tuple[int, int] | None = None  # one-step async: (target step, step it was submitted at)
+        self.ready: tuple[int, int, Any] | None = None  # ... and once collected, with its batch
 
     def start_engine(self) -> None:
         if self.dist.role == "learner":
@@ -227,15 +230,42 @@ class OnlineRollouts:
         return [self.prompts[i] for i in ids]
 
     def generate(self, step: int, rows: list[PromptRow]):
-        """``rollout.n`` samples per prompt (a ``RolloutBatch``); the engine sleeps afterwards."""
-        n = self.cfg.rollout.n
-        # The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
-        # makes every prompt's seed depend only on (run seed, step, global position).
-        first = self.dist.rank * (self.settings.prompts_per_step // self.dist.world_size)
-        seed = self.cfg.seed * 1_000_003 + step * 100_003 + first * n
-        batch = self.engine.generate([r.prompt for r in rows], n=n, seed=seed)
-        self.engine.sleep()
+        """``rollout.n`` samples per prompt (a ``RolloutBatch``); the engine sleeps afterwards.
+
+        With ``rollout.schedule=one_step_async`` the batch of a step after the first usually comes from the
+        prefetch the previous step started (``await_prefetch``), and this call starts the next step's one: the
+        rollout ranks generate step t+1 with the weights before step t's update while the learners train on
+        step t. ``self.staleness`` is the batch's policy lag in steps (0 on-policy, 1 prefetched)."""
+        if self.ready is not None and self.ready[0] == step:
+            _, submitted_at, batch = self.ready
+            self.ready = None
+        else:  # the first step, a resumed run's first step (its prefetch was not checkpointed), or sync
+            submitted_at = step
+            batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step))
+            self.engine.sleep()
+        self.staleness = step - submitted_at
+        if self.cfg.rollout.schedule == "one_step_async" and step + 1 < self.cfg.train.max_steps:
+            self.engine.submit([r.prompt for r in self.rows(step + 1)], n=self.cfg.rollout.n, seed=self._seed(step + 1))
+            self.inflight = step + 1, step
         return batch
+
+    def _seed(self, step: int) -> int:
+        """The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
+        makes every prompt's seed depend only on (run seed, step, global position)."""
+        n = self.cfg.rollout.n
+        first = self.dist.rank * (self.settings.prompts_per_step // self.dist.world_size)
+        return self.cfg.seed * 1_000_003 + step * 100_003 + first * n
+
+    def await_prefetch(self) -> float:
+        """Wait for the prefetched batch (one-step async), before the engine may take new requests (weights,
+        evaluation); the seconds waited (0 without one): the part of generation training did not hide."""
+        if self.inflight is None:
+            return 0.0
+        started = time.perf_counter()
+        target, submitted_at = self.inflight
+        self.inflight = None
+        self.ready = target, submitted_at, self.engine.collect()
+        return time.perf_counter() - started
 
     def score(self, rows: list[PromptRow], batch) -> tuple[torch.Tensor, Any]:
         """Rewards [N] (NaN: unscored) and the raw ``BatchScores``; failures follow ``reward_on_error``."""
@@ -247,6 +277,7 @@ class OnlineRollouts:
         rollout.lora_sync); returns ``SyncStats``."""
         from posttrain.rollout import sync_weights
 
+        self.await_prefetch()  # the rollout ranks answer requests in order: the batch in flight comes first
         lora = self.cfg.model.lora
         return sync_weights(self.engine, learner.module, bucket_bytes=self.settings.sync_bucket_mb * 2**20,
                             lora_scaling=lora.alpha / lora.r if lora.enabled else None)
@@ -255,6 +286,7 @@ class OnlineRollouts:
     def evaluate(self) -> dict[str, float]:
         """Greedy generation on the held-out prompts (sharded over ranks), scored by the run's rewards."""
         rows = self.eval_prompts[self.dist.rank :: self.dist.world_size]
+        self.await_prefetch()
         local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0)
         self.engine.sleep()
         keys = ["reward", "pass@1", "completion_tokens"]

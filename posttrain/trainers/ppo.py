@@ -347,6 +347,7 @@ class Recipe:
         update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask)
         timings["train"] = time.perf_counter() - t2
 
+        timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
         t3 = time.perf_counter()
         sync = self.rollouts.sync(self.learner)
         timings["sync"] = time.perf_counter() - t3
@@ -354,6 +355,7 @@ class Recipe:
 
         metrics = online.rollout_metrics(batch, scores, raw_scores, drift, sync, timings,
                                          verifier=self.rollouts.verifier)
+        metrics["staleness"] = float(self.rollouts.staleness)
         seq_kl = algorithms.masked_sum(token_kl, loss_mask, dim=-1)
         scored = loss_mask.sum(-1) > 0
         kl_sum, shaped_sum, seqs = all_reduce_sum([float(seq_kl[scored].sum()), float(shaped[scored].sum()),
