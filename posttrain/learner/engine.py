@@ -125,6 +125,21 @@ class Learner:
         return client_state
 
 
+def forget_stale_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached clone of the world group if that world is gone.
+
+    DeepSpeed keeps the clone in a module global; after the process group is destroyed and created again in
+    the same process (tests, notebooks), the stale clone makes ``deepspeed.initialize`` fail with "Group ... is
+    not registered".
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    cached = getattr(groups, "_WORLD_GROUP", None)
+    if cached is not None and (not dist.is_initialized() or cached not in dist.distributed_c10d._world.pg_group_ranks):
+        groups._WORLD_GROUP = None
+
+
 def build_learner(
     model: torch.nn.Module,
     cfg: LearnerConfig,
@@ -145,6 +160,7 @@ def build_learner(
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    forget_stale_deepspeed_groups()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
