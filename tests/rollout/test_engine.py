@@ -239,11 +239,10 @@ def test_engine_less_rank_still_iterates(tiny_model):
 
 
 def test_sync_zero3_engine_matches_transformers(engine, tiny_model):
-    import deepspeed
-
     from posttrain.config.schema import LearnerConfig
     from posttrain.learner.engine import build_learner
     from posttrain.rollout import sync_weights
+    from tests.rollout.gathered import gathered_state
 
     learner = build_learner(_load(tiny_model).train(), LearnerConfig(zero_stage=3, lr=1e-2, scheduler="constant"),
                             world_size=1, micro_batch_size=2, grad_accum=1, total_steps=4)
@@ -253,8 +252,7 @@ def test_sync_zero3_engine_matches_transformers(engine, tiny_model):
         learner.step()
     params = list(learner.module.parameters())
     assert all(p.numel() == 0 for p in params), "ZeRO-3 should keep parameters partitioned"
-    with deepspeed.zero.GatheredParameters(params):
-        trained = {name: p.detach().clone() for name, p in learner.module.named_parameters()}
+    trained = gathered_state(learner)
     reference = _load(tiny_model)
     reference.load_state_dict(trained)
     sync_weights(engine, _load(tiny_model))

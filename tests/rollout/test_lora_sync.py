@@ -161,11 +161,10 @@ def test_auto_merges_what_an_adapter_cannot_carry(engine, tiny_model):
 
 
 def test_adapter_sync_from_zero3_learner(engine, tiny_model):
-    import deepspeed
-
     from posttrain.config.schema import LearnerConfig
     from posttrain.learner.engine import build_learner
     from posttrain.rollout import sync_weights
+    from tests.rollout.gathered import gathered_state
 
     model = _peft(tiny_model, seed=13).train()
     learner = build_learner(model, LearnerConfig(zero_stage=3, lr=5e-2, scheduler="constant"),
@@ -176,8 +175,7 @@ def test_adapter_sync_from_zero3_learner(engine, tiny_model):
         learner.step()
     params = list(learner.module.parameters())
     assert all(p.numel() == 0 for p in params), "ZeRO-3 should keep parameters partitioned"
-    with deepspeed.zero.GatheredParameters(params):
-        trained = {name: p.detach().clone() for name, p in learner.module.named_parameters()}
+    trained = gathered_state(learner)
     reference = _peft(tiny_model, seed=13)
     reference.load_state_dict(trained)
     before = _peft(tiny_model, seed=13)

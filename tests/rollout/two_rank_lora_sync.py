@@ -36,11 +36,9 @@ def _peft(model_dir: str):
 
 def _reference(model_dir: str, learner):
     """A transformers + PEFT copy of the learner's current (gathered) weights; collective."""
-    import deepspeed
+    from tests.rollout.gathered import gathered_state
 
-    params = list(learner.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        state = {name: p.detach().clone() for name, p in learner.module.named_parameters()}
+    state = gathered_state(learner)
     model = _peft(model_dir).eval()
     model.load_state_dict(state)
     return model

@@ -29,13 +29,12 @@ def _greedy_hf(model, ids: list[int], max_new_tokens: int) -> list[int]:
 
 def _reference(model_dir: str, learner):
     """A plain transformers copy of the learner's current (gathered) weights; collective."""
-    import deepspeed
     import torch
     from transformers import AutoModelForCausalLM
 
-    params = list(learner.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        state = {name: p.detach().clone() for name, p in learner.module.named_parameters()}
+    from tests.rollout.gathered import gathered_state
+
+    state = gathered_state(learner)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.load_state_dict(state)
     return model
