@@ -832,6 +832,15 @@ COMMANDS = {
 }
 
 
+def add_rollout_batch_args(parser: argparse.ArgumentParser, *, steps: int, repeats: int, repeats_help: str) -> None:
+    """The options every GRPO-step benchmark shares: how long it runs and the rollout batch it times."""
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--n", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -849,11 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--model", help=argparse.SUPPRESS)
     dpo.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     grpo = sub.add_parser("grpo", help="GRPO samples/s against TRL's GRPOTrainer; rollout and sync overheads")
-    grpo.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
-    grpo.add_argument("--repeats", type=int, default=3, help="runs per side, alternating")
-    grpo.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    grpo.add_argument("--n", type=int, default=8, help="samples per prompt")
-    grpo.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+    add_rollout_batch_args(grpo, steps=4, repeats=3, repeats_help="runs per side, alternating")
     grpo.add_argument("--hidden", type=int, default=256)
     grpo.add_argument("--layers", type=int, default=4)
     grpo.add_argument("--eager", action="store_true", help="our engine without torch.compile (TRL's colocate engine always compiles)")
@@ -875,11 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     lora.add_argument("--model", help=argparse.SUPPRESS)
     lora.add_argument("--worker", choices=LORA_MODES, help=argparse.SUPPRESS)
     scale = sub.add_parser("scale", help="step time over processes, placements and schedules; sync cost over model sizes")
-    scale.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
-    scale.add_argument("--repeats", type=int, default=1, help="runs per setup, alternating order")
-    scale.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    scale.add_argument("--n", type=int, default=8, help="samples per prompt")
-    scale.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+    add_rollout_batch_args(scale, steps=3, repeats=1, repeats_help="runs per setup, alternating order")
     scale.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch and rank")
     scale.add_argument("--hidden", type=int, default=256, help="model of the step-time runs")
     scale.add_argument("--layers", type=int, default=4)

@@ -63,13 +63,17 @@ def test_a_trl_side_that_cannot_run_is_a_note_not_a_number(bench, capsys):
     assert "n/a" in capsys.readouterr().out
 
 
-def test_grpo_subcommand_is_registered(bench, capsys):
-    assert "grpo" in bench.COMMANDS
+@pytest.mark.parametrize("command, options", [
+    ("grpo", ("--threads", "--repeats", "--no-trl-vllm", "--eager")),
+    ("scale", ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot")),
+])
+def test_subcommand_is_registered(bench, capsys, command, options):
+    assert command in bench.COMMANDS
     with pytest.raises(SystemExit) as done:
-        bench.main(["grpo", "--help"])
+        bench.main([command, "--help"])
     assert done.value.code == 0
     usage = capsys.readouterr().out
-    for option in ("--threads", "--repeats", "--no-trl-vllm", "--eager"):
+    for option in options:
         assert option in usage
 
 
@@ -130,13 +134,3 @@ def test_scale_result_takes_medians_and_speedups_over_one_process_and_plots(benc
     bench.print_scale(result)
     table = capsys.readouterr().out
     assert "1.60x" in table and "n/a" in table and "100,000,000" in table
-
-
-def test_scale_subcommand_is_registered(bench, capsys):
-    assert "scale" in bench.COMMANDS
-    with pytest.raises(SystemExit) as done:
-        bench.main(["scale", "--help"])
-    assert done.value.code == 0
-    usage = capsys.readouterr().out
-    for option in ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot"):
-        assert option in usage
