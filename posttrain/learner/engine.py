@@ -140,6 +140,15 @@ def forget_stale_deepspeed_groups() -> None:
         groups._WORLD_GROUP = None
 
 
+def initialize_deepspeed(**kwargs):
+    """``deepspeed.initialize`` after ``forget_stale_deepspeed_groups``: every DeepSpeed engine we build goes
+    through here."""
+    import deepspeed
+
+    forget_stale_deepspeed_groups()
+    return deepspeed.initialize(**kwargs)
+
+
 def build_learner(
     model: torch.nn.Module,
     cfg: LearnerConfig,
@@ -150,7 +159,6 @@ def build_learner(
     total_steps: int,
 ) -> Learner:
     """Put ``model`` under DeepSpeed with AdamW and the configured schedule."""
-    import deepspeed
 
     ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, world_size=world_size)
     schedule = partial(lr_multiplier, total_steps=total_steps, warmup_steps=cfg.warmup_steps, kind=cfg.scheduler,
@@ -160,8 +168,7 @@ def build_learner(
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    forget_stale_deepspeed_groups()
-    engine, _, _, _ = deepspeed.initialize(
+    engine, _, _, _ = initialize_deepspeed(
         model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler
     )
     is_peft = type(model).__name__.startswith("Peft")

@@ -198,7 +198,7 @@ class Recipe:
             tis = algorithms.truncated_importance_weights(old_logprobs, tensors["sampler_logprobs"], mask, clip_max=g.tis_cap)
             weights, tis_metrics = tis.weights, {f"tis_{k}": float(v) for k, v in tis.metrics.items()}
         update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
-        learner_logprobs = update.pop("first_logprobs") if single_pass else old_logprobs
+        learner_logprobs = old_logprobs if old_logprobs is not None else update.pop("first_logprobs")
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
         timings["train"] = time.perf_counter() - t2
 
@@ -250,8 +250,9 @@ class Recipe:
         token_adv = advantages[:, None].expand_as(loss_mask).nan_to_num(0.0)
         sums = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "clip_tokens": 0.0, "nonfinite": 0.0}
         updates = 0
-        first_logprobs = torch.zeros_like(loss_mask)  # the first epoch's log-probs (drift, single pass)
-        for epoch in range(g.epochs):
+        # single pass: the update's own log-probs stand in for the old ones (and give the drift metrics)
+        first_logprobs = torch.zeros_like(loss_mask) if old_logprobs is None else None
+        for _epoch in range(g.epochs):
             for mb in range(self.plan["mini_batches"]):
                 rows = slice(mb * per_mini, (mb + 1) * per_mini)
                 num_tokens, num_seqs = all_reduce_sum([loss_mask[rows].sum().item(),
@@ -264,9 +265,11 @@ class Recipe:
                                           attention_mask=tensors["attention_mask"][part]).logits
                     logprobs = token_logprobs(logits, tensors["input_ids"][part], tensors["completion_mask"][part],
                                               temperature=temperature)
-                    if epoch == 0:
-                        first_logprobs[part] = logprobs.detach()
-                    old = first_logprobs[part] if old_logprobs is None else old_logprobs[part]
+                    if old_logprobs is None:
+                        first_logprobs[part] = logprobs.detach()  # one epoch: this is the first and only pass
+                        old = first_logprobs[part]
+                    else:
+                        old = old_logprobs[part]
                     result = algorithms.compute_policy_loss(
                         g.policy_loss, logprobs, old, token_adv[part], loss_mask[part],
                         loss_agg_mode=g.loss_agg, importance_weights=None if weights is None else weights[part],

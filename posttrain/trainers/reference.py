@@ -31,11 +31,11 @@ class FrozenReference:
         if model is not None:
             model.eval().requires_grad_(False)
             if zero_stage == 3:
-                import deepspeed
+                from posttrain.learner.engine import initialize_deepspeed
 
                 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
                     "stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
-                model = deepspeed.initialize(model=model, config=config)[0].module
+                model = initialize_deepspeed(model=model, config=config)[0].module
             self.module = model
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
