@@ -105,6 +105,10 @@ def init_distributed(rollout_ranks: int = 0) -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
+        if int(os.environ["WORLD_SIZE"]) == 1:
+            # A world of one needs no rendezvous: an in-memory store avoids binding MASTER_PORT, which another
+            # process may have taken since free_port() released it (EADDRINUSE on a busy machine).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

@@ -11,6 +11,9 @@ from posttrain.errors import UserError
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                       "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+# How often torchrun looks for dead workers. Its default (0.1 s) stops the survivors before they can say
+# what went wrong: rank 0 needs a moment to notice a dead rollout rank and name it and the last checkpoint.
+MONITOR_INTERVAL_S = 3
 
 
 def add_parser(subparsers) -> None:
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
         run_recipe(args.recipe, args.overrides)
         return 0
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
+               f"--monitor-interval={MONITOR_INTERVAL_S}"]
     if args.nnodes == 1:
         command.append("--standalone")
     else:
