@@ -58,6 +58,7 @@ def assert_same_run(a: dict[int, dict], b: dict[int, dict]) -> None:
     assert b[2]["eval/reward"] == pytest.approx(a[2]["eval/reward"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_colocated_two_processes_zero2_match_one_process(common, one_process, tmp_path):
     out = tmp_path / "two"
     result = run_cli("run", RECIPE, "--nproc", "2", "learner.zero_stage=2", *common, f"output_dir={out}")
@@ -65,12 +66,14 @@ def test_colocated_two_processes_zero2_match_one_process(common, one_process, tm
     assert_same_run(one_process, steps_of(out))
 
 
-@pytest.mark.parametrize("nproc", [2, 3], ids=["1-rollout-1-learner", "1-rollout-2-learners"])
-def test_disaggregated_zero3_matches_one_process(nproc, common, one_process, tmp_path):
-    """The last rank only generates; the others only train (ZeRO-3 over the learner ranks alone) and send it
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,zero_stage", [(2, 2), (2, 3), (3, 3)],
+                         ids=["1-rollout-1-learner-zero2", "1-rollout-1-learner-zero3", "1-rollout-2-learners-zero3"])
+def test_disaggregated_matches_one_process(nproc, zero_stage, common, one_process, tmp_path):
+    """The last rank only generates; the others only train (ZeRO over the learner ranks alone) and send it
     their weights after every step. Checkpoints, metrics and evaluation come from global rank 0, a learner."""
     out = tmp_path / "run"
-    result = run_cli("run", RECIPE, "--nproc", str(nproc), DISAGGREGATED, "learner.zero_stage=3",
+    result = run_cli("run", RECIPE, "--nproc", str(nproc), DISAGGREGATED, f"learner.zero_stage={zero_stage}",
                      "checkpoint.every_n_steps=1", *common, f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = steps_of(out)
@@ -85,16 +88,19 @@ def test_disaggregated_zero3_matches_one_process(nproc, common, one_process, tmp
     assert summary["eval_end"]["reward"] == pytest.approx(one_process[2]["eval/reward"], abs=1e-6)
 
 
-def test_rollout_rank_greedy_matches_learner_after_sync(tiny_model, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_rollout_rank_greedy_matches_learner_after_sync(lora, tiny_model, tmp_path):
     """After a ZeRO-3 learner's optimizer step and a sync in 100 KiB buckets, the rollout rank's engine
-    decodes greedily exactly what transformers decodes with the learner's weights."""
+    decodes greedily exactly what transformers (+ PEFT for a LoRA learner, whose adapter is merged into the
+    stream) decodes with the learner's weights."""
     out = tmp_path / "result.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     script = REPO / "tests" / "rollout" / "disaggregated_sync.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                             str(script), str(tiny_model), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                             str(script), str(tiny_model), str(out), *(["--lora"] if lora else [])], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(out.read_text())
@@ -102,6 +108,7 @@ def test_rollout_rank_greedy_matches_learner_after_sync(tiny_model, tmp_path):
     assert all(len(ids) == 12 for ids in found["engine"])
     assert found["engine"] == found["learner"]
     assert found["engine"] != found["before"]  # the sync changed what the engine computes
+    assert found["mode"] == ("merged" if lora else "full")
 
 
 def test_placement_is_checked_before_anything_starts(tiny_model, arithmetic_data, tmp_path):
@@ -115,18 +122,19 @@ def test_placement_is_checked_before_anything_starts(tiny_model, arithmetic_data
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_failed_rollout_rank_stops_the_run_naming_it(fault, tiny_model, arithmetic_data, tmp_path):
+def test_failed_rollout_rank_stops_the_run_naming_it(fault, common, one_process, tmp_path):
     """Request 4 of the rollout rank is step 2's generation (1: the first evaluation, 2: step 1's generation,
-    3: its weight load), after the step-1 checkpoint. A killed rank is found at once, a hung one after
-    rollout.timeout; either way the run exits non-zero with one line naming the rank and that checkpoint."""
+    3: its weight load), after the step-1 checkpoint. A killed (kill -9) rank is found at once, a hung one
+    after rollout.timeout; either way the run exits non-zero with one line naming the rank and that
+    checkpoint. After the kill, ``resume=auto`` finishes the run with the uninterrupted run's metrics."""
     out = tmp_path / "r"
     timeout = 30  # long enough for a busy machine, short enough for a test
+    args = ["run", RECIPE, "--nproc", "2", DISAGGREGATED, f"rollout.timeout={timeout}", "checkpoint.every_n_steps=1",
+            *common, f"output_dir={out}"]
     started = time.monotonic()
-    result = run_cli("run", RECIPE, "--nproc", "2", *grpo_args(tiny_model, arithmetic_data, out, DISAGGREGATED,
-                                                               f"rollout.timeout={timeout}",
-                                                               "checkpoint.every_n_steps=1"),
-                     env={f"POSTTRAIN_FAULT_ROLLOUT_{fault.upper()}_AT_REQUEST": "4"}, timeout=450)
+    result = run_cli(*args, env={f"POSTTRAIN_FAULT_ROLLOUT_{fault.upper()}_AT_REQUEST": "4"}, timeout=450)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     what = "died while generating" if fault == "kill" else f"did not answer within rollout.timeout={timeout} s"
@@ -136,11 +144,16 @@ def test_failed_rollout_rank_stops_the_run_naming_it(fault, tiny_model, arithmet
     assert (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
     assert not (out / "checkpoints" / "step-000002").exists()
     assert elapsed < 420
+    if fault == "kill":
+        resumed = run_cli(*args, "resume=auto")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_run(one_process, steps_of(out))
 
 
 ASYNC = "rollout.schedule=one_step_async"
 
 
+@pytest.mark.slow
 def test_one_step_async_trains_on_one_step_stale_batches_and_resumes(common, one_process, tmp_path):
     """One-step async: step 1 is generated before anything trains, so it is the synchronous run's step 1 (same
     samples; the separate old-log-prob forward and TIS weights of ~1 leave the update nearly unchanged). Step 2
@@ -174,6 +187,7 @@ def test_one_step_async_trains_on_one_step_stale_batches_and_resumes(common, one
     assert (out / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_one_step_async_hung_rollout_rank_is_found_while_the_learners_wait(tiny_model, arithmetic_data, tmp_path):
     """Request 3 is step 2's generation, submitted while step 1 trains: the leader waits rollout.timeout for it."""
     timeout = 30

@@ -115,6 +115,7 @@ def test_entry_point_and_file_rewards_work_from_a_recipe(tiny_model, arithmetic_
     assert "reward/exact_answer" in step and "reward/brevity" in step and step["reward/brevity"] < 0
 
 
+@pytest.mark.slow
 def test_two_processes_zero3_match_one_process(tiny_model, arithmetic_data, tmp_path):
     """Colocated placement: each rank samples its share with prompt-derived seeds and holds a ZeRO-3 shard.
 
@@ -177,6 +178,7 @@ def test_empty_completions_are_scored_counted_and_trained_on(tiny_model, arithme
     assert math.isfinite(step["loss"])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_model, arithmetic_data, tmp_path):
     """kill -9 right after the step-2 checkpoint, then ``resume=auto``: steps 3-4 match the uninterrupted run
     (sampling seeds derive from the step, the engine is re-synced from the checkpoint's weights)."""

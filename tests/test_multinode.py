@@ -12,6 +12,7 @@ from posttrain.distributed import free_port
 from tests.conftest import REPO, read_metrics, run_cli
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_match_one_process(tiny_model, arithmetic_data, tmp_path):
     common = [f"model.path={tiny_model}", f"data.path={arithmetic_data['train']}", "train.max_steps=3",
               "train.global_batch_size=8", "train.micro_batch_size=4", "logging.progress=false",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from posttrain.data.synthetic import ANSWER_FORMATS, question_key
 from posttrain.quickstart import (
     RL_QUESTIONS,
@@ -45,6 +47,7 @@ def test_score_answers_reads_the_last_box():
     assert scores == {"format": 0.25, "accuracy": 0.75}
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     """SFT, two GRPO steps, held-out evaluation: summary.json, plots and the checkpoint are written."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -75,16 +75,18 @@ def test_columns_reach_rewards_and_labels_are_unique():
 
 
 def test_async_rewards_run_concurrently():
+    intervals = []
+
     async def slow(prompts, completions, **columns):
+        start = time.monotonic()
         await asyncio.sleep(0.5)
+        intervals.append((start, time.monotonic()))
         return [1.0] * len(completions)
 
     with RewardSet([slow, slow, slow]) as rs:
-        start = time.monotonic()
         result = rs.score(["p"], ["c"])
-        elapsed = time.monotonic() - start
     assert result.totals == [3.0]
-    assert elapsed < 1.2
+    assert max(s for s, _ in intervals) < min(e for _, e in intervals)  # all three were asleep at once
 
 
 def test_score_inside_a_running_event_loop():
@@ -164,7 +166,7 @@ def test_hanging_thread_reward_times_out():
     with RewardSet([hang], timeout=0.5, on_error="zero") as rs:
         start = time.monotonic()
         result = rs.score(["p"], ["c"])
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4.5  # did not wait for the 5 s reward
     assert result.issues[0].kind == "timeout" and result.scores["hang"] == [0.0]
 
 

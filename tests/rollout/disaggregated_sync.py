@@ -3,8 +3,10 @@
 Rank 0 is the learner (DeepSpeed ZeRO-3, the learner ranks' own default group); rank 1 only serves a vLLM
 engine. The learner takes one optimizer step, syncs in small buckets, and asks the rollout rank for greedy
 completions, which must equal transformers' greedy decoding with the learner's weights, token for token.
+With ``--lora`` the learner is a PEFT LoRA model (random non-zero adapter): the adapter is merged into the
+streamed base weights (rollout ranks take merged weights), and the reference is transformers + PEFT.
 
-Usage: torchrun --nproc_per_node 2 disaggregated_sync.py MODEL_DIR OUT_JSON
+Usage: torchrun --nproc_per_node 2 disaggregated_sync.py MODEL_DIR OUT_JSON [--lora]
 """
 
 from __future__ import annotations
@@ -26,22 +28,33 @@ def _greedy_hf(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, x.shape[1]:].tolist()
 
 
-def _copy(model_dir: str, learner):
-    """A plain transformers model holding the learner's current (gathered) weights."""
+def _model(model_dir: str, lora: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
+
+
+def _copy(model_dir: str, learner, lora: bool):
+    """A transformers (+ PEFT) model holding the learner's current (gathered) weights."""
     from tests.rollout.gathered import gathered_state
 
     state = gathered_state(learner)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = _model(model_dir, lora).eval()
     model.load_state_dict(state)
     return model
 
 
 def main() -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from posttrain.config.loader import from_dict
     from posttrain.config.schema import LearnerConfig
@@ -52,6 +65,7 @@ def main() -> None:
     from posttrain.trainers.grpo import Config
 
     model_dir, out_path = sys.argv[1], sys.argv[2]
+    lora = "--lora" in sys.argv[3:]
     cfg = from_dict(Config, {"trainer": "grpo", "model": {"path": model_dir}, "data": {"path": "unused.jsonl"},
                              "output_dir": os.path.dirname(out_path),
                              "rollout": {"placement": "disaggregated", "enforce_eager": True, "max_model_len": 256,
@@ -60,7 +74,7 @@ def main() -> None:
     if info.role == "rollout":
         serve(cfg, info)
         return
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = _model(model_dir, lora)
     learner = build_learner(model, LearnerConfig(zero_stage=3, lr=1e-2, scheduler="constant"),
                             world_size=info.world_size, micro_batch_size=1, grad_accum=1, total_steps=4)
     engine = RemoteEngine(info, cfg.rollout, cfg.output_dir)
@@ -72,12 +86,12 @@ def main() -> None:
     learner.step()
     stats = sync_weights(engine, learner, bucket_bytes=100 * 1024)
     samples = engine.generate(prompts, temperature=0.0).samples
-    reference = _copy(model_dir, learner)
+    reference = _copy(model_dir, learner, lora)
     expected = [_greedy_hf(reference, s.prompt_ids, len(s.completion_ids)) for s in samples]
     result = {"partitioned": all(p.numel() < p.ds_numel for p in learner.module.parameters() if p.ds_numel > 1),
               "engine": [s.completion_ids for s in samples], "learner": expected, "before": before,
               "buckets": stats.num_buckets, "bytes": stats.bytes, "remote_peak_bytes": stats.remote_peak_bytes,
-              "seconds": stats.seconds}
+              "seconds": stats.seconds, "mode": stats.mode}
     engine.close()
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 SCRIPT = Path(__file__).with_name("two_rank_sync.py")
@@ -29,6 +31,7 @@ def _torchrun(script: Path, tiny_model, tmp_path) -> list[dict]:
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_sync(tiny_model, tmp_path):
     ranks = _torchrun(SCRIPT, tiny_model, tmp_path)
     print(f"\ntwo-rank ZeRO-3 sync seconds: {[r['sync_seconds'] for r in ranks]}")
@@ -39,6 +42,7 @@ def test_two_rank_zero3_sync(tiny_model, tmp_path):
     assert ranks[0]["second_match"], "rank 0's engine differs after a sync where rank 1 had no engine"
 
 
+@pytest.mark.slow
 def test_two_rank_zero3_lora_adapter_sync(tiny_model, tmp_path):
     """A ZeRO-3 LoRA learner over two ranks: adapter-only syncs, a rank without an engine, a base re-send."""
     ranks = _torchrun(LORA_SCRIPT, tiny_model, tmp_path)
