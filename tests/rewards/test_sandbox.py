@@ -333,7 +333,7 @@ def test_without_root_user_namespaces_keep_the_isolation(tmp_path):
     python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if world_readable(p)), None)
     if python is None:
         pytest.skip("no world-readable python3 to run an unprivileged scorer with")
-    if not world_readable(str(REPO_ROOT / "reward_models" / "sandbox.py")):
+    if not world_readable(str(REPO_ROOT / "reward_models" / "__init__.py")):
         pytest.skip(f"the checkout ({REPO_ROOT}) is not readable by an unprivileged user")
     marker = f"/tmp/posttrain-nonroot-{uuid.uuid4().hex}"
     program = textwrap.dedent(f"""
