@@ -57,6 +57,29 @@ def test_grpo_runs_with_vllm_and_syncs(tiny_model, arithmetic_data, tmp_path):
     assert (out / "checkpoints" / "last" / "model" / "model.safetensors").is_file()
 
 
+def test_padding_free_updates_match_padded_ones(tiny_model, arithmetic_data, tmp_path):
+    """grpo.padding_free (the default) packs the learner's, the old policy's and the reference's forwards:
+    the same losses, KL, gradient norms and sampler agreement as padding every sequence to the longest."""
+    (tmp_path / "r.py").write_text(BAD_REWARDS)
+    runs = {}
+    for padding_free in ("true", "false"):
+        out = tmp_path / padding_free
+        result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, "grpo.kl_coef=0.05",
+                                                    "grpo.epochs=2", "grpo.entropy_coef=0.01", "learner.lr=1e-3",
+                                                    f"grpo.rewards=[{{name: '{tmp_path}/r.py:varied'}}]",
+                                                    f"grpo.padding_free={padding_free}", "logging.plots=false"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[padding_free] = {r["step"]: r for r in read_metrics(out) if "reward/mean" in r}
+    packed, padded = runs["true"], runs["false"]
+    assert sorted(packed) == sorted(padded) == [1, 2]
+    for step in (1, 2):
+        assert packed[step]["reward/mean"] == pytest.approx(padded[step]["reward/mean"], abs=1e-6)
+        for key in ("loss", "kl", "drift/abs_diff_mean"):
+            assert packed[step][key] == pytest.approx(padded[step][key], rel=1e-3, abs=1e-6), key
+        assert packed[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=1e-3)
+    assert packed[1]["grad_norm"] > 0 and packed[1]["kl"] >= 0
+
+
 def test_grpo_batch_rule_names_the_numbers(tiny_model, arithmetic_data, tmp_path):
     result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "r", "train.global_batch_size=6"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -184,7 +184,8 @@ class Recipe:
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
                                                                  cfg.train.micro_batch_size,
                                                                  max(cfg.rollout.temperature, 1e-6),
-                                                                 need_old=not single_pass)
+                                                                 need_old=not single_pass,
+                                                                 padding_free=g.padding_free)
         if g.kl_coef and g.kl_in == "reward":
             penalty = algorithms.sequence_kl(g.kl_estimator, old_logprobs, ref_logprobs, mask)
             rewards = rewards - g.kl_coef * penalty
@@ -261,8 +262,8 @@ class Recipe:
                        "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
                 for start in range(rows.start, rows.stop, cfg.train.micro_batch_size):
                     part = slice(start, min(start + cfg.train.micro_batch_size, rows.stop))
-                    logits = self.learner(input_ids=tensors["input_ids"][part],
-                                          attention_mask=tensors["attention_mask"][part]).logits
+                    logits = online.model_logits(self.learner, tensors["input_ids"][part],
+                                                 tensors["attention_mask"][part], padding_free=g.padding_free)
                     logprobs = token_logprobs(logits, tensors["input_ids"][part], tensors["completion_mask"][part],
                                               temperature=temperature)
                     if old_logprobs is None:

@@ -325,7 +325,8 @@ class Recipe:
         # A sample no reward scored carries no signal: it is left out of the losses (counted in reward/unscored).
         loss_mask = mask * torch.isfinite(scores)[:, None].float()
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
-                                                                 cfg.train.micro_batch_size, temperature)
+                                                                 cfg.train.micro_batch_size, temperature,
+                                                                 padding_free=p.padding_free)
         old_values = self._values(tensors)
         beta = self.kl_controller.value
         shaped = self._shape_scores(scores)
@@ -390,7 +391,8 @@ class Recipe:
         self.critic.eval()
         for start in range(0, tensors["input_ids"].shape[0], size):
             part = {k: v[start : start + size] for k, v in tensors.items()}
-            logits = self.critic(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            logits = online.model_logits(self.critic, part["input_ids"], part["attention_mask"],
+                                         padding_free=self.cfg.ppo.padding_free)
             out.append(token_values(logits, part["completion_mask"]))
         self.critic.train()
         return torch.cat(out)
@@ -439,7 +441,8 @@ class Recipe:
                     if train_policy:
                         self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
                                                 advantages[part], agg, temperature, sums, divisor, tokens)
-                    values = token_values(self.critic(input_ids=ids, attention_mask=attention).logits, completion)
+                    values = token_values(online.model_logits(self.critic, ids, attention,
+                                                              padding_free=p.padding_free), completion)
                     value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], mask,
                                                                 clip_range=p.value_clip, loss_agg_mode=p.loss_agg, **agg)
                     value_loss, skipped = online.guard_nonfinite(value_loss, p.nonfinite_loss, "value loss",
@@ -468,7 +471,7 @@ class Recipe:
     def _policy_micro_step(self, step: int, ids, attention, completion, mask, old_logprobs, advantages, agg, temperature,
                            sums, divisor, tokens) -> None:
         p = self.cfg.ppo
-        logits = self.learner(input_ids=ids, attention_mask=attention).logits
+        logits = online.model_logits(self.learner, ids, attention, padding_free=p.padding_free)
         logprobs = token_logprobs(logits, ids, completion, temperature=temperature)
         result = algorithms.compute_policy_loss("ppo", logprobs, old_logprobs, advantages, mask,
                                                 loss_agg_mode=p.loss_agg, clip_low=p.clip_range,
