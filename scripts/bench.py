@@ -1,7 +1,7 @@
 """Benchmarks against the reference implementations, side by side in one run.
 
     python scripts/bench.py dpo [--steps 8] [--repeats 3] [--batch 8] [--hidden 256] [--layers 4]
-    python scripts/bench.py grpo [--steps 4] [--repeats 3] [--prompts 8] [--n 8] [--max-tokens 32] [--threads N]
+    python scripts/bench.py grpo [--steps 4] [--repeats 3] [--prompts 8] [--n 8] [--max-tokens 128] [--threads N]
     python scripts/bench.py lora-sync [--sizes tiny 512x8] [--rank 16] [--syncs 5] [--repeats 2]
     python scripts/bench.py scale [--steps 3] [--repeats 1]
 
@@ -242,7 +242,8 @@ def _grpo_overrides(args: argparse.Namespace, out: str) -> list[str]:
             f"rollout.enforce_eager={str(args.eager).lower()}", f"train.global_batch_size={batch}",
             f"train.micro_batch_size={batch}", f"learner.lr={GRPO_LR}", "learner.scheduler=constant",
             "grpo.rewards=[{name: math_verify}]", "logging.progress=false", "logging.tensorboard=false",
-            "logging.plots=false", "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"seed={args.seed}"]
+            "logging.plots=false", "checkpoint.every_n_steps=0", "checkpoint.save_final=false", f"seed={args.seed}",
+            f"grpo.padding_free={str(args.padding_free).lower()}"]
 
 
 def _grpo_ours(args: argparse.Namespace) -> dict:
@@ -399,6 +400,31 @@ def _last_error_line(text: str) -> str:
     return (errors or lines or ["unknown failure"])[-1][:400]
 
 
+def _warm_start(model: Path, tmp: Path, args: argparse.Namespace) -> Path:
+    """The tiny model after one SFT pass over answers that ramble for a random number of words first, so its
+    completions end anywhere between a few tokens and ``--max-tokens``, as a real policy's do (a random model
+    never ends early). Returns the SFT checkpoint; not timed."""
+    import random
+
+    from posttrain.data.synthetic import write_task
+    from posttrain.models.tiny import WORDS
+    from posttrain.quickstart import run_stage
+
+    rng = random.Random(args.seed)
+    rows = [json.loads(line) for line in write_task("arithmetic", tmp / "sft-data", train=800, test=0,
+                                                     seed=args.seed + 1)["train"].read_text().splitlines()]
+    with open(tmp / "sft.jsonl", "w") as f:
+        for row in rows:
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, int(args.max_tokens * 0.6))))
+            answer = f"{words} The answer is \\boxed{{{row['answer']}}}.".strip()
+            f.write(json.dumps({"messages": [*row["prompt"], {"role": "assistant", "content": answer}]}) + "\n")
+    summary = run_stage("sft.yaml", [f"output_dir={tmp / 'sft'}", f"model.path={model}", f"data.path={tmp / 'sft.jsonl'}",
+                                     "data.eval_fraction=0", f"data.max_length={args.max_tokens + 64}", "train.epochs=1",
+                                     "checkpoint.every_n_steps=0", "logging.progress=false", "logging.plots=false",
+                                     "logging.tensorboard=false", f"seed={args.seed}"], tmp / "sft.log")
+    return Path(summary["checkpoint"]) / "model"
+
+
 def bench_grpo(args: argparse.Namespace) -> dict:
     from posttrain.data.synthetic import write_task
     from posttrain.models.tiny import make_tiny_model
@@ -409,12 +435,17 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         model = make_tiny_model(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers,
                                 num_heads=args.hidden // 64, seed=0)
         params = json.loads((model / "posttrain_tiny.json").read_text())["parameters"]
+        if args.warm_start:
+            print("  warm start: one SFT pass so that completions end at varied lengths (not timed)", flush=True)
+            model = _warm_start(model, Path(tmp), args)
         data = write_task("arithmetic", Path(tmp) / "data", train=max(200, args.prompts * (args.steps + 1)), test=0,
                           seed=args.seed)["train"]
         common = ["--model", str(model), "--data", str(data), "--steps", str(args.steps), "--prompts",
                   str(args.prompts), "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
         if args.eager:
             common.append("--eager")
+        if not args.padding_free:
+            common.append("--no-padding-free")
         samples: dict[str, list[dict]] = {side: [] for side in sides}
         for repeat in range(args.repeats):
             for side in sides if repeat % 2 == 0 else sides[::-1]:
@@ -468,11 +499,13 @@ def grpo_result(args: argparse.Namespace, samples: dict[str, list[dict]], params
     if notes:
         result["notes"] = notes
     result["settings"] = {
-        "model": f"tiny Llama, hidden {args.hidden}, {args.layers} layers, {params} parameters",
+        "model": f"tiny Llama, hidden {args.hidden}, {args.layers} layers, {params} parameters"
+                 + (", after one SFT pass (completions of varied length)" if args.warm_start else ", random weights"),
         "data": "synthetic arithmetic prompts (posttrain.data.synthetic), chat format", "reward": "math_verify",
         "prompts_per_step": args.prompts, "samples_per_prompt": args.n, "max_tokens": args.max_tokens,
         "temperature": 1.0, "timed_steps": args.steps, "warmup_steps": 1, "precision": "fp32",
         "optimizer_steps_per_rollout": 1, "reference_model": "none (beta 0)",
+        "warm_start": args.warm_start, "our_padding_free": args.padding_free,
         "vllm_enforce_eager": args.eager, "repeats": args.repeats, "threads": args.threads,
         "trl": trl_package.__version__, "vllm": vllm.__version__,
     }
@@ -832,13 +865,14 @@ COMMANDS = {
 }
 
 
-def add_rollout_batch_args(parser: argparse.ArgumentParser, *, steps: int, repeats: int, repeats_help: str) -> None:
+def add_rollout_batch_args(parser: argparse.ArgumentParser, *, steps: int, repeats: int, repeats_help: str,
+                           max_tokens: int = 32) -> None:
     """The options every GRPO-step benchmark shares: how long it runs and the rollout batch it times."""
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per run (after one warm-up step)")
     parser.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--n", type=int, default=8, help="samples per prompt")
-    parser.add_argument("--max-tokens", type=int, default=32, help="longest completion")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="longest completion")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -858,12 +892,17 @@ def main(argv: list[str] | None = None) -> int:
     dpo.add_argument("--model", help=argparse.SUPPRESS)
     dpo.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     grpo = sub.add_parser("grpo", help="GRPO samples/s against TRL's GRPOTrainer; rollout and sync overheads")
-    add_rollout_batch_args(grpo, steps=4, repeats=3, repeats_help="runs per side, alternating")
+    add_rollout_batch_args(grpo, steps=4, repeats=3, repeats_help="runs per side, alternating", max_tokens=128)
     grpo.add_argument("--hidden", type=int, default=256)
     grpo.add_argument("--layers", type=int, default=4)
     grpo.add_argument("--eager", action="store_true", help="our engine without torch.compile (TRL's colocate engine always compiles)")
     grpo.add_argument("--no-trl-vllm", dest="trl_vllm", action="store_false",
                       help="skip TRL with use_vllm=True, vllm_mode='colocate'")
+    grpo.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                      help="time the random tiny model (its completions almost always run to --max-tokens) instead "
+                           "of the model after one SFT pass, whose completions end at varied lengths")
+    grpo.add_argument("--no-padding-free", dest="padding_free", action="store_false",
+                      help="our learner pads every sequence to the longest (grpo.padding_free=false), as TRL does")
     grpo.add_argument("--seed", type=int, default=0)
     grpo.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on each side (OMP_NUM_THREADS)")
     grpo.add_argument("--model", help=argparse.SUPPRESS)

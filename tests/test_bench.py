@@ -30,7 +30,7 @@ def ours_run(samples_per_s: float) -> dict:
 
 def args(**extra) -> argparse.Namespace:
     values = {"prompts": 8, "n": 8, "max_tokens": 32, "steps": 4, "repeats": 3, "hidden": 256, "layers": 4,
-              "eager": False, "threads": 2}
+              "eager": False, "threads": 2, "warm_start": True, "padding_free": True}
     return argparse.Namespace(**{**values, **extra})
 
 
@@ -64,7 +64,7 @@ def test_a_trl_side_that_cannot_run_is_a_note_not_a_number(bench, capsys):
 
 
 @pytest.mark.parametrize("command, options", [
-    ("grpo", ("--threads", "--repeats", "--no-trl-vllm", "--eager")),
+    ("grpo", ("--threads", "--repeats", "--no-trl-vllm", "--eager", "--no-warm-start", "--no-padding-free")),
     ("scale", ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot")),
 ])
 def test_subcommand_is_registered(bench, capsys, command, options):

@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-_WORDS = (
+WORDS = (
     "the a an of to and in is it that for on with as was at by be this are from or have not but what all "
     "were when we there can your which their said if will each about how up out them then she many some "
     "so these would other into has more her two like him see time could no make than first been its who now "
@@ -48,7 +48,7 @@ def synthetic_corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     for i in range(n_lines):
         kind = i % 4
         if kind == 0:
-            lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))).capitalize() + ".")
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + ".")
         elif kind == 1:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             lines.append(f"What is {a} + {b}? {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}.")
@@ -56,7 +56,7 @@ def synthetic_corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
             name = rng.choice(["f", "g", "solve", "add", "count"])
             lines.append(f"def {name}(x, y):\n    return x + y  # {rng.randint(0, 99)}\nassert {name}(1, 2) == 3")
         else:
-            word = rng.choice(_WORDS)
+            word = rng.choice(WORDS)
             lines.append(f"<|user|>\nReverse {word}<|end|>\n<|assistant|>\n{word[::-1]}<|end|>\n")
     return lines
 
