@@ -87,6 +87,9 @@ def padding_free_forward(call: Callable[..., torch.Tensor], input_ids: torch.Ten
     return packed.unpack(call(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False))
 
 
-def padding_share(attention_mask: torch.Tensor) -> float:
-    """The share of a right-padded batch that is padding: what packing saves, at most."""
-    return 1.0 - float(attention_mask.sum()) / max(attention_mask.numel(), 1)
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, padding_free: bool) -> torch.Tensor:
+    """``model``'s logits (or a critic's per-token outputs) over a right-padded micro-batch, ``[B, T, ...]``;
+    with ``padding_free`` computed on the packed sequences, in the same layout."""
+    if not padding_free:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return padding_free_forward(lambda **packed: model(**packed).logits, input_ids, attention_mask)

@@ -40,6 +40,7 @@ from posttrain.config.schema import ConfigError, doc
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
+from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutConfig, token_entropy, token_logprobs
 from posttrain.rollout.logprobs import drift_stats
@@ -262,7 +263,7 @@ class Recipe:
                        "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
                 for start in range(rows.start, rows.stop, cfg.train.micro_batch_size):
                     part = slice(start, min(start + cfg.train.micro_batch_size, rows.stop))
-                    logits = online.model_logits(self.learner, tensors["input_ids"][part],
+                    logits = forward_logits(self.learner, tensors["input_ids"][part],
                                                  tensors["attention_mask"][part], padding_free=g.padding_free)
                     logprobs = token_logprobs(logits, tensors["input_ids"][part], tensors["completion_mask"][part],
                                               temperature=temperature)

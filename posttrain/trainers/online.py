@@ -31,7 +31,7 @@ from posttrain.data.tokenize import LengthReport, render_chat
 from posttrain.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from posttrain.errors import DataError
 from posttrain.faults import maybe_kill, maybe_poison_loss
-from posttrain.learner.packing import padding_free_forward
+from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import check_model_path, load_tokenizer
 from posttrain.trainers.common import check_finite_loss, check_output_dir
 from posttrain.trainers.harness import RunHarness, progress_bar, should_checkpoint
@@ -409,14 +409,6 @@ def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, rl_step: 
                        "train_seconds": round(time.perf_counter() - started, 2)}, plot_groups)
 
 
-def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, padding_free: bool) -> torch.Tensor:
-    """``model``'s logits (or a critic's per-token outputs) over a right-padded micro-batch, ``[B, T, ...]``;
-    with ``padding_free`` computed on the packed sequences (``posttrain.learner.packing``), same layout."""
-    if not padding_free:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return padding_free_forward(lambda **packed: model(**packed).logits, input_ids, attention_mask)
-
-
 @torch.no_grad()
 def old_and_ref_logprobs(learner, reference, tensors: dict[str, torch.Tensor], micro_batch_size: int,
                          temperature: float, *, need_old: bool = True,
@@ -433,7 +425,7 @@ def old_and_ref_logprobs(learner, reference, tensors: dict[str, torch.Tensor], m
     for start in range(0, tensors["input_ids"].shape[0], micro_batch_size):
         part = {k: v[start : start + micro_batch_size] for k, v in tensors.items()}
         if need_old:
-            logits = model_logits(learner, part["input_ids"], part["attention_mask"], padding_free=padding_free)
+            logits = forward_logits(learner, part["input_ids"], part["attention_mask"], padding_free=padding_free)
             old.append(token_logprobs(logits, part["input_ids"], part["completion_mask"], temperature=temperature))
         if reference is not None:
             ref_logits = reference.logits(part["input_ids"], part["attention_mask"], padding_free=padding_free)

@@ -57,6 +57,7 @@ from posttrain.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from posttrain.errors import UserError
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
+from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutConfig, drift_stats, token_entropy, token_logprobs
 from posttrain.trainers import online
@@ -391,7 +392,7 @@ class Recipe:
         self.critic.eval()
         for start in range(0, tensors["input_ids"].shape[0], size):
             part = {k: v[start : start + size] for k, v in tensors.items()}
-            logits = online.model_logits(self.critic, part["input_ids"], part["attention_mask"],
+            logits = forward_logits(self.critic, part["input_ids"], part["attention_mask"],
                                          padding_free=self.cfg.ppo.padding_free)
             out.append(token_values(logits, part["completion_mask"]))
         self.critic.train()
@@ -441,7 +442,7 @@ class Recipe:
                     if train_policy:
                         self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
                                                 advantages[part], agg, temperature, sums, divisor, tokens)
-                    values = token_values(online.model_logits(self.critic, ids, attention,
+                    values = token_values(forward_logits(self.critic, ids, attention,
                                                               padding_free=p.padding_free), completion)
                     value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], mask,
                                                                 clip_range=p.value_clip, loss_agg_mode=p.loss_agg, **agg)
@@ -471,7 +472,7 @@ class Recipe:
     def _policy_micro_step(self, step: int, ids, attention, completion, mask, old_logprobs, advantages, agg, temperature,
                            sums, divisor, tokens) -> None:
         p = self.cfg.ppo
-        logits = online.model_logits(self.learner, ids, attention, padding_free=p.padding_free)
+        logits = forward_logits(self.learner, ids, attention, padding_free=p.padding_free)
         logprobs = token_logprobs(logits, ids, completion, temperature=temperature)
         result = algorithms.compute_policy_loss("ppo", logprobs, old_logprobs, advantages, mask,
                                                 loss_agg_mode=p.loss_agg, clip_low=p.clip_range,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.learner.packing import forward_logits
+
 log = logging.getLogger("posttrain")
 
 
@@ -40,13 +42,11 @@ class FrozenReference:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, padding_free: bool = False) -> torch.Tensor:
         """Logits ``[B, T, V]`` of a right-padded batch; ``padding_free``: computed on the packed sequences."""
-        from posttrain.trainers.online import model_logits
-
         with self.no_grad():
             if self.policy is not None:
                 with self.policy.module.disable_adapter():
-                    return model_logits(self.policy, input_ids, attention_mask, padding_free=padding_free)
-            return model_logits(self.module, input_ids, attention_mask, padding_free=padding_free)
+                    return forward_logits(self.policy, input_ids, attention_mask, padding_free=padding_free)
+            return forward_logits(self.module, input_ids, attention_mask, padding_free=padding_free)
 
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs [N] and completion token counts [N] of a collated batch."""
