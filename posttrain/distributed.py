@@ -84,11 +84,13 @@ def rollout_group() -> tuple[Any, list[int]] | None:
     return _ROLLOUT_GROUP
 
 
-def init_distributed(rollout_ranks: int = 0) -> DistInfo:
+def init_distributed(rollout_ranks: int = 0, tensor_parallel_size: int = 1) -> DistInfo:
     """Initialise torch.distributed (gloo on CPU, NCCL on GPU) once; return this rank's place.
 
     ``rollout_ranks > 0`` (disaggregated placement): the last ``rollout_ranks`` ranks become rollout ranks
-    and the default process group spans only the learner ranks (see the module docstring).
+    and the default process group spans only the learner ranks (see the module docstring). With
+    ``tensor_parallel_size > 1`` the rollout ranks get a default group of their own, which their vLLM engines
+    (``external_launcher``, ``tensor_parallel_size`` ranks each) take as their world.
     """
     import torch
     import torch.distributed as dist
@@ -101,7 +103,7 @@ def init_distributed(rollout_ranks: int = 0) -> DistInfo:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if rollout_ranks:
-        return _init_disaggregated(rollout_ranks, backend, local_rank)
+        return _init_disaggregated(rollout_ranks, backend, local_rank, tensor_parallel_size)
     if not dist.is_initialized():
         import deepspeed
 
@@ -116,9 +118,10 @@ def init_distributed(rollout_ranks: int = 0) -> DistInfo:
     return DistInfo(rank, world, local_rank, backend, "colocated", rank, world)
 
 
-def _init_disaggregated(rollout_ranks: int, backend: str, local_rank: int) -> DistInfo:
-    """Learner ranks get a default group of their own; rollout ranks none (their engine makes its own).
-    The leader and the rollout ranks join their bridge group first, all at start."""
+def _init_disaggregated(rollout_ranks: int, backend: str, local_rank: int, tensor_parallel_size: int = 1) -> DistInfo:
+    """Learner ranks get a default group of their own; rollout ranks one of theirs when their engines span
+    several ranks (else none: a one-rank engine makes its own). The leader and the rollout ranks join their
+    bridge group first, all at start."""
     global _ROLLOUT_GROUP
     import torch
     import torch.distributed as dist
@@ -131,6 +134,13 @@ def _init_disaggregated(rollout_ranks: int, backend: str, local_rank: int) -> Di
                                       len(members), _ROLLOUT_GROUP_TIMEOUT)
         _ROLLOUT_GROUP = (group, members)
     if rank >= learners:
+        if tensor_parallel_size > 1:
+            # vLLM's external launcher reads its place from RANK and WORLD_SIZE: the rollout ranks' world.
+            os.environ.update(RANK=str(rank - learners), WORLD_SIZE=str(rollout_ranks))
+            dist.init_process_group(backend, store=dist.PrefixStore("posttrain/rollouts", store),
+                                    rank=rank - learners, world_size=rollout_ranks)
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
         return DistInfo(rank - learners, rollout_ranks, local_rank, backend, "rollout", rank, world)
     # Learner ranks are the first ones, so their group rank is their global rank.
     dist.init_process_group(backend, store=dist.PrefixStore("posttrain/learners", store), rank=rank,

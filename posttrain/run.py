@@ -25,8 +25,13 @@ def run_recipe(recipe_path: str, overrides: list[str]) -> dict:
     cfg = load_recipe(recipe_path, overrides)
     rollout = getattr(cfg, "rollout", None)  # online recipes: their placement decides each rank's role
     if rollout is not None:
-        rollout.learner_ranks(int(os.environ.get("WORLD_SIZE", 1)), recipe_path)
-    dist = init_distributed(rollout.rollout_ranks if rollout is not None else 0)
+        from posttrain.rollout.layout import check_layout
+
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        rollout.learner_ranks(world_size, recipe_path)
+        check_layout(rollout, rollout.model or cfg.model.path, world_size, recipe_path)
+    dist = init_distributed(rollout.rollout_ranks if rollout is not None else 0,
+                            rollout.tensor_parallel_size if rollout is not None else 1)
     setup_logging(dist.is_main)
     if dist.role == "rollout":
         from posttrain.rollout.remote import serve

@@ -72,7 +72,11 @@ class RolloutConfig:
         1, "GPU sleep level: 1 moves weights to CPU and drops the KV cache; 2 also drops the weights (they must be "
         "synced again before generating, which every colocated RL step does anyway)."
     )
-    tensor_parallel_size: int = doc(1, "GPUs one engine shards its model over.")
+    tensor_parallel_size: int = doc(
+        1, "Ranks (GPUs, or CPU processes) one engine shards its model over. Colocated: the world splits into "
+        "world / T generation groups of T consecutive ranks; disaggregated: rollout.ranks / T engines. It must "
+        "divide the engine ranks and the model's attention heads, vocabulary and MLP size (docs/rollout.md)."
+    )
     # --- placement (online trainers) ------------------------------------------------
     placement: Literal["colocated", "disaggregated"] = doc(
         "colocated",
@@ -125,9 +129,6 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name} in {source} must be {expected}, got {getattr(self, name)!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"rollout.stop in {source} must be a list of non-empty strings, got {self.stop!r}.")
-        if self.placement == "disaggregated" and self.tensor_parallel_size != 1:
-            raise ConfigError(f"rollout.tensor_parallel_size in {source} must be 1 with rollout.placement="
-                              f"disaggregated (one engine per rollout rank), got {self.tensor_parallel_size}.")
         if self.schedule == "one_step_async" and self.placement != "disaggregated":
             # Colocated, the engine and the learner share the process and its devices: nothing could overlap.
             raise ConfigError(f"rollout.schedule=one_step_async in {source} needs rollout.placement=disaggregated "

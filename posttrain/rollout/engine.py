@@ -275,9 +275,19 @@ class RolloutEngine:
         self.sleep_supported = not self.on_cpu and cfg.sleep_mode
         if self.sleep_supported:
             kwargs["enable_sleep_mode"] = True
+        self.data_parallel_size = 1
         if cfg.tensor_parallel_size > 1:
-            # One engine shard per torchrun rank, in the ranks' own processes.
+            # One engine shard per torchrun rank, in the ranks' own processes. vLLM's world is the default
+            # process group (every engine rank): tensor_parallel_size consecutive ranks form one engine,
+            # and the engines are data-parallel to each other.
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                raise RuntimeError("rollout.tensor_parallel_size > 1 needs the process group (init_distributed) "
+                                   "before the engine starts")
+            self.data_parallel_size = dist.get_world_size() // cfg.tensor_parallel_size
             kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["data_parallel_size"] = self.data_parallel_size
         if self.max_lora_rank is not None:
             # One adapter at a time: every sync replaces it under a new id (see load_adapter).
             kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1, max_cpu_loras=1)
@@ -409,6 +419,8 @@ class RolloutEngine:
         token_prompts = [self.tokenize(p) for p in prompts]
         n = self.cfg.n if n is None else n
         if not token_prompts:
+            if self.data_parallel_size > 1:
+                self._idle_step()
             return RolloutBatch([], num_prompts=0, n=n)
         budget = self.max_model_len
         for i, ids in enumerate(token_prompts):
@@ -448,6 +460,16 @@ class RolloutEngine:
                 ))
         return RolloutBatch(samples, num_prompts=len(token_prompts), n=n, seconds=seconds,
                             temperature=params[0].temperature if params else self.cfg.temperature)
+
+    def _idle_step(self) -> None:
+        """Take part in the other data-parallel engines' generate with nothing to ask: vLLM steps its
+        external-launcher engines in lock-step (each step agrees over all of them whether work is left), so an
+        engine that skipped the call would leave the others waiting. One throw-away token does it."""
+        from vllm.inputs import TokensPrompt
+
+        token = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.llm.generate([TokensPrompt(prompt_token_ids=[token])], self.sampling_params(n=1, max_tokens=1, seed=0),
+                          lora_request=self._lora_request, use_tqdm=False)
 
     # ---- weights -------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *, adapter_base: bool = False) -> None:

@@ -36,8 +36,10 @@ import torch
 
 from posttrain.distributed import DistInfo, rollout_group
 from posttrain.errors import RolloutRankFailed, UserError, print_user_error
+from posttrain.rollout.batches import merge_batches, shares, split_batch
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import RolloutBatch
+from posttrain.rollout.layout import Layout
 
 log = logging.getLogger("posttrain")
 
@@ -72,6 +74,29 @@ class _Link:
         work = self.group.recv([tensor], member, _TAG)
         work.wait(timeout) if timeout is not None else work.wait()
 
+    def broadcast(self, obj: Any = None, timeout: timedelta | None = None) -> Any:
+        """The leader's ``obj`` on every member (one collective over the group; members pass nothing)."""
+        data = pickle.dumps(obj) if self.is_leader else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        self.broadcast_bytes(size, timeout)
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_leader else \
+            torch.empty(int(size.item()), dtype=torch.uint8)
+        self.broadcast_bytes(buffer, timeout)
+        return obj if self.is_leader else pickle.loads(buffer.numpy().tobytes())
+
+    def broadcast_bytes(self, tensor: torch.Tensor, timeout: timedelta | None = None) -> None:
+        """The leader's ``tensor`` into every member's tensor of the same size, in one collective."""
+        import torch.distributed as dist
+
+        options = dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = 0, 0
+        work = self.group.broadcast([tensor], options)
+        work.wait(timeout) if timeout is not None else work.wait()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group.rank() == 0
+
 
 def _link() -> _Link:
     found = rollout_group()
@@ -79,38 +104,6 @@ def _link() -> _Link:
         raise RuntimeError("no rollout group: init_distributed(rollout_ranks=...) was not called for a "
                            "disaggregated run")
     return _Link(*found)
-
-
-# ---------------------------------------------------------------------------------------------- batches
-def _merge(batches: Sequence[RolloutBatch], n: int) -> RolloutBatch:
-    """Consecutive batches as one: group indices shifted by the prompts before them."""
-    samples, offset = [], 0
-    for batch in batches:
-        for sample in batch.samples:
-            sample.group += offset
-            samples.append(sample)
-        offset += batch.num_prompts
-    seconds = max((b.seconds for b in batches), default=0.0)  # the ranks generate side by side
-    temperature = batches[0].temperature if batches else 1.0
-    return RolloutBatch(samples, num_prompts=offset, n=n, seconds=seconds, temperature=temperature)
-
-
-def _split(batch: RolloutBatch, counts: Sequence[int]) -> list[RolloutBatch]:
-    """``batch`` cut into consecutive runs of ``counts`` prompts, groups renumbered from 0 in each."""
-    parts, start = [], 0
-    for count in counts:
-        samples = [s for s in batch.samples if start <= s.group < start + count]
-        for sample in samples:
-            sample.group -= start
-        parts.append(RolloutBatch(samples, num_prompts=count, n=batch.n, seconds=batch.seconds,
-                                  temperature=batch.temperature))
-        start += count
-    return parts
-
-
-def _shares(total: int, parts: int) -> list[int]:
-    """``total`` items in ``parts`` contiguous runs whose sizes differ by at most one."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -150,6 +143,8 @@ class RemoteEngine:
 
     def __init__(self, dist: DistInfo, cfg: RolloutConfig, output_dir: str | Path) -> None:
         self.dist, self.cfg = dist, cfg
+        # Rollout rank i (bridge member i + 1) is a shard of engine i // tensor_parallel_size.
+        self.layout = Layout(cfg.ranks, cfg.tensor_parallel_size)
         self.output_dir = Path(output_dir)
         self.timeout = timedelta(seconds=cfg.timeout)
         self.link = _link() if dist.is_main else None
@@ -215,21 +210,38 @@ class RemoteEngine:
         return _raise_if_error(received[0])
 
     def _send_generate(self, gathered, n: int, sampling: dict) -> None:
+        """Every engine its contiguous share of the prompts; every shard of an engine the same request
+        (an engine with no share still takes part: data-parallel engines step together)."""
         prompts = [p for ps, _ in gathered for p in ps]
         # Without seeds every learner's seeds would be None: the rollout ranks' engines then derive their own.
         seeds = None if any(s is None for _, s in gathered) else [x for _, s in gathered for x in s]
-        shares = _shares(len(prompts), len(self.link.members) - 1)
         start = 0
-        for member, count in enumerate(shares, start=1):
+        for engine, count in enumerate(shares(len(prompts), self.layout.engines)):
             chunk = slice(start, start + count)
             request = ("generate", {"prompts": prompts[chunk], "n": n, "sampling": sampling,
                                     "seeds": None if seeds is None else seeds[chunk]})
-            self._guard(member, "generating", lambda m=member, r=request: self.link.send(r, m, self.timeout))
+            for member in self._members(engine):
+                self._guard(member, "generating", lambda m=member, r=request: self.link.send(r, m, self.timeout))
             start += count
 
+    def _members(self, engine: int) -> list[int]:
+        """Bridge members (1..R) holding the shards of one engine."""
+        return [rank + 1 for rank in self.layout.members(engine)]
+
     def _receive(self, n: int, counts: list[int]) -> list[RolloutBatch]:
-        batches = [self._answer(member, "generating") for member in range(1, len(self.link.members))]
-        return _split(_merge(batches, n), counts)
+        batches = []
+        for engine in range(self.layout.engines):
+            members = self._members(engine)
+            answers = [self._answer(member, "generating") for member in members]
+            for member, other in zip(members[1:], answers[1:]):
+                if [s.completion_ids for s in other] != [s.completion_ids for s in answers[0]]:
+                    self.failed = True
+                    raise self._report(RolloutRankFailed(
+                        f"rollout rank {self.link.members[member]} sampled other tokens than rank "
+                        f"{self.link.members[members[0]]}, a shard of the same tensor-parallel engine; "
+                        f"{self._checkpoint_note()}"))
+            batches.append(answers[0])
+        return split_batch(merge_batches(batches, n), counts)
 
     # ---- weights -------------------------------------------------------------------------------
     def load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], stats=None) -> None:
@@ -248,20 +260,22 @@ class RemoteEngine:
             stats.remote_peak_bytes = max(peaks) if peaks else None
 
     def _send_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> list[dict]:
+        """Each bucket goes out once, as one broadcast over the bridge group, and reaches every shard of every
+        engine (each shard's vLLM loader keeps its slice)."""
         ranks = range(1, len(self.link.members))
         doing = "loading weights"
         self._each(ranks, doing, lambda m: self.link.send(("load", None), m, self.timeout))
         for bucket in buckets:
             header, flat = _pack(bucket)
             del bucket
-            self._each(ranks, doing, lambda m, header=header, flat=flat: self._send_bucket(m, header, flat))
+            self._guard(None, doing, lambda header=header, flat=flat: self._broadcast_bucket(header, flat))
             del flat
-        self._each(ranks, doing, lambda m: self.link.send(("end", None), m, self.timeout))
+        self._guard(None, doing, lambda: self.link.broadcast(("end", None), self.timeout))
         return [self._answer(m, doing) for m in ranks]
 
-    def _send_bucket(self, member: int, header: list, flat: torch.Tensor) -> None:
-        self.link.send(("bucket", header), member, self.timeout)
-        self.link.send_bytes(flat, member, self.timeout)
+    def _broadcast_bucket(self, header: list, flat: torch.Tensor) -> None:
+        self.link.broadcast(("bucket", header), self.timeout)
+        self.link.broadcast_bytes(flat, self.timeout)
 
     # ---- the engine interface the recipes use --------------------------------------------------
     def sleep(self, level: int | None = None) -> None:
@@ -312,21 +326,24 @@ class RemoteEngine:
         raise self._report(RolloutRankFailed(f"rollout rank {rank} failed while {doing}: {error}; "
                                              f"{self._checkpoint_note()}"))
 
-    def _guard(self, member: int, doing: str, action, limit: float | None = None,
+    def _guard(self, member: int | None, doing: str, action, limit: float | None = None,
                setting: str = "rollout.timeout") -> Any:
         """``action()``; a broken connection or a timeout becomes ``RolloutRankFailed`` naming the rank."""
         try:
             return action()
         except RuntimeError as err:
             self.failed = True
-            rank = self.link.members[member]
+            if member is None:  # a broadcast to them all: gloo does not say which one failed
+                who = "one of the rollout ranks " + ", ".join(str(r) for r in self.link.members[1:])
+            else:
+                who = f"rollout rank {self.link.members[member]}"
             text = str(err)
             if "timed out" in text.lower():
                 limit = self.cfg.timeout if limit is None else limit
                 what = f"did not answer within {setting}={limit:g} s while {doing}"
             else:
                 what = f"died while {doing} (its connection closed)"
-            raise self._report(RolloutRankFailed(f"rollout rank {rank} {what}; {self._checkpoint_note()}")) from None
+            raise self._report(RolloutRankFailed(f"{who} {what}; {self._checkpoint_note()}")) from None
 
     def _checkpoint_note(self) -> str:
         from posttrain.checkpoint import list_complete
@@ -404,11 +421,11 @@ def _load(engine, link: _Link) -> tuple[str, Any]:
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         while True:
-            kind, header = link.recv(0)
+            kind, header = link.broadcast()
             if kind == "end":
                 return
             flat = torch.empty(header[-1][3] + _nbytes(header[-1]) if header else 0, dtype=torch.uint8)
-            link.recv_bytes(flat, 0)
+            link.broadcast_bytes(flat)
             yield from _unpack(header, flat)
             del flat
 

@@ -43,6 +43,7 @@ from posttrain.learner.engine import apply_lora
 from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutConfig, token_entropy, token_logprobs
+from posttrain.rollout.layout import check_layout
 from posttrain.rollout.logprobs import drift_stats
 from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
@@ -96,6 +97,7 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    check_layout(cfg.rollout, cfg.rollout.model or cfg.model.path, world_size, source)
     return online.preflight(cfg, cfg.grpo, batch_plan(cfg, learners, source))
 
 

@@ -224,6 +224,12 @@ class OnlineRollouts:
         lora = self.cfg.model.lora  # a LoRA learner's engine may serve its adapter (rollout.lora_sync)
         self.engine = RolloutEngine(self.cfg.rollout.model or self.cfg.model.path, self.cfg.rollout,
                                     tokenizer=self.tokenizer, lora_rank=lora.r if lora.enabled else None)
+        if self.cfg.rollout.tensor_parallel_size > 1:  # this rank is one shard of its group's engine
+            from posttrain.rollout.groups import GenerationGroup
+            from posttrain.rollout.layout import Layout
+
+            layout = Layout(self.dist.world_size, self.cfg.rollout.tensor_parallel_size)
+            self.engine = GenerationGroup(self.engine, layout, self.dist.rank)
 
     def rows(self, step: int) -> list[PromptRow]:
         """This rank's contiguous share of the step's prompts."""

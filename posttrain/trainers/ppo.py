@@ -60,6 +60,7 @@ from posttrain.learner.engine import apply_lora
 from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
 from posttrain.rollout import RolloutConfig, drift_stats, token_entropy, token_logprobs
+from posttrain.rollout.layout import check_layout
 from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
 from posttrain.trainers.harness import RunHarness, run_identity
@@ -172,6 +173,7 @@ def check_critic_source(cfg: Config) -> None:
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     check_critic_source(cfg)
     learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    check_layout(cfg.rollout, cfg.rollout.model or cfg.model.path, world_size, source)
     return online.preflight(cfg, cfg.ppo, batch_plan(cfg, learners, source))
 
 

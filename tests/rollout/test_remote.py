@@ -10,7 +10,10 @@ import torch
 
 from posttrain.errors import ConfigError
 from posttrain.rollout import RolloutBatch, RolloutConfig, Sample
-from posttrain.rollout.remote import _merge, _pack, _shares, _split, _unpack
+from posttrain.rollout.batches import merge_batches as _merge
+from posttrain.rollout.batches import shares as _shares
+from posttrain.rollout.batches import split_batch as _split
+from posttrain.rollout.remote import _pack, _unpack
 
 
 def test_pack_round_trips_mixed_dtypes_and_shapes_without_copies():
