@@ -72,10 +72,11 @@ def test_ppo_colocated_tp2_first_step_matches_tp1(tiny_model, arithmetic_data, t
         result = run_cli("run", ppo, "--nproc", "2", f"rollout.tensor_parallel_size={tp}", *args, f"output_dir={out}")
         assert result.returncode == 0, result.stderr[-3000:]
         runs[tp] = steps_of(out)[1]
-    for key in ("reward/mean", "completion_tokens", "loss", "grad_norm"):
+    compared = ("reward/mean", "completion_tokens", "policy_loss", "value_loss", "grad_norm", "critic_grad_norm")
+    assert {"policy_loss", "value_loss"} <= set(runs[1]), sorted(runs[1])
+    for key in compared:
         if key in runs[1]:
             assert runs[2][key] == pytest.approx(runs[1][key], rel=1e-3, abs=1e-5), key
-    assert "loss" in runs[1] and runs[2]["drift/abs_diff_max"] < 1e-3
 
 
 @pytest.mark.slow

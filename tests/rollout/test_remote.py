@@ -13,6 +13,7 @@ from posttrain.rollout import RolloutBatch, RolloutConfig, Sample
 from posttrain.rollout.batches import merge_batches as _merge
 from posttrain.rollout.batches import shares as _shares
 from posttrain.rollout.batches import split_batch as _split
+from posttrain.rollout.layout import check_layout
 from posttrain.rollout.remote import _pack, _unpack
 
 
@@ -56,7 +57,11 @@ def test_placement_rules():
         RolloutConfig(placement="disaggregated").learner_ranks(1)
     with pytest.raises(ConfigError, match=r"rollout.ranks \(2\) .* at least one learner rank"):
         split.learner_ranks(2)
+    # Disaggregated engines may shard over several rollout ranks now; the layout check rejects an odd split.
+    RolloutConfig(placement="disaggregated", ranks=2, tensor_parallel_size=2).validate()
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel_size \(2\) .* must divide rollout.ranks \(3\)"):
+        check_layout(RolloutConfig(placement="disaggregated", ranks=3, tensor_parallel_size=2), None, 5)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        RolloutConfig(placement="disaggregated", tensor_parallel_size=2).validate()
+        RolloutConfig(tensor_parallel_size=0).validate()
     with pytest.raises(ConfigError, match="rollout.timeout"):
         RolloutConfig(timeout=0).validate()
