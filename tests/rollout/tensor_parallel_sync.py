@@ -2,11 +2,12 @@
 shards of one vLLM engine (run by test_tensor_parallel.py).
 
 The learner is DeepSpeed ZeRO-``--zero`` over both ranks (``--lora``: a PEFT LoRA model whose adapter is
-merged into the stream). Three rounds of: an optimizer step, a sync in 100 KiB buckets, greedy generation
+merged into the stream; ``--adapter``: the same, but only the adapter is sent and vLLM's LoRA layers
+slice it per shard). Three rounds of: an optimizer step, a sync in 100 KiB buckets, greedy generation
 through the ``GenerationGroup`` (rank 0 asks two prompts, rank 1 one other, so the group's union and split
 are exercised), compared token for token with transformers' greedy decoding of the learner's weights.
 
-Usage: torchrun --nproc_per_node 2 tensor_parallel_sync.py MODEL_DIR OUT_JSON --zero N [--lora]
+Usage: torchrun --nproc_per_node 2 tensor_parallel_sync.py MODEL_DIR OUT_JSON --zero N [--lora | --adapter]
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ def main() -> None:
 
     model_dir, out_path = sys.argv[1], sys.argv[2]
     zero = int(sys.argv[sys.argv.index("--zero") + 1])
-    lora = "--lora" in sys.argv[3:]
+    lora = "--lora" in sys.argv[3:] or "--adapter" in sys.argv[3:]
+    lora_sync = "adapter" if "--adapter" in sys.argv[3:] else "merged"
     info = init_distributed()
     learner = build_learner(_model(model_dir, lora), LearnerConfig(zero_stage=zero, lr=1e-2, scheduler="constant"),
                             world_size=info.world_size, micro_batch_size=1, grad_accum=1, total_steps=4)
-    cfg = RolloutConfig(enforce_eager=True, max_model_len=256, max_num_seqs=4, max_tokens=12, tensor_parallel_size=2)
-    shard = RolloutEngine(model_dir, cfg)
+    cfg = RolloutConfig(enforce_eager=True, max_model_len=256, max_num_seqs=4, max_tokens=12, tensor_parallel_size=2,
+                        lora_sync=lora_sync)
+    shard = RolloutEngine(model_dir, cfg, **({"lora_rank": 4} if lora_sync == "adapter" else {}))
     group = GenerationGroup(shard, Layout(info.world_size, 2), info.rank)
     vllm_model = shard._worker.model_runner.get_model()
     prompts = [["The answer is", [{"role": "user", "content": "Reverse hello"}]], ["12 + 30 ="]][info.rank]
