@@ -134,3 +134,24 @@ def test_scale_result_takes_medians_and_speedups_over_one_process_and_plots(benc
     bench.print_scale(result)
     table = capsys.readouterr().out
     assert "1.60x" in table and "n/a" in table and "100,000,000" in table
+
+
+def test_gpu_check_runs_its_measurements_on_cpu(tmp_path):
+    """scripts/gpu_check.sh is meant for one call on a lent GPU; its CPU smoke size runs the same code."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO))
+    result = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--size", "tiny", "--device", "cpu",
+                             "--length", "48", "--steps", "2", "--bucket-mb", "1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert found["dtype"] == "torch.bfloat16" and found["parameters"] > 0
+    assert found["learner"]["tokens_per_s"] > 0 and found["learner"]["last_loss"] == found["learner"]["last_loss"]
+    sync = found["sync"]
+    assert sum(sync["shard_bytes"]) > 0 and all(r["bytes"] == sync["rounds"][0]["bytes"] for r in sync["rounds"])
+    assert sync["rounds"][0]["buckets"] > 1  # 1 MiB buckets over a ~2 MiB bf16 model

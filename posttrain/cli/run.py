@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from posttrain.errors import UserError
+from posttrain.rollout.cpu_shm import remove_orphaned as remove_orphaned_shm
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                       "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     command += ["-m", "posttrain.run", args.recipe, *args.overrides]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    remove_orphaned_shm()  # left by an earlier run's killed tensor-parallel shard, it would stop this one
     completed = subprocess.run(command, env=env)
+    remove_orphaned_shm()
     if completed.returncode != 0:
         print(f"error: the run failed with exit status {completed.returncode} (see the messages above).",
               file=sys.stderr)

@@ -65,3 +65,16 @@ def test_placement_rules():
         RolloutConfig(tensor_parallel_size=0).validate()
     with pytest.raises(ConfigError, match="rollout.timeout"):
         RolloutConfig(timeout=0).validate()
+
+
+def test_orphaned_shard_shared_memory_is_removed_but_live_mappings_are_kept(tmp_path):
+    import mmap
+
+    from posttrain.rollout.cpu_shm import remove_orphaned
+
+    orphan, live, other = tmp_path / "-tp:0-[0-1]-cpushm_0", tmp_path / "-tp:0-[0-1]-cpushm_1", tmp_path / "keep"
+    for path in (orphan, live, other):
+        path.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a shard still running maps its file
+        assert remove_orphaned(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and other.exists()
