@@ -31,6 +31,10 @@ Subcommands:
         disaggregated, sync and one-step async (each a ``posttrain run``; medians
         of the per-step timings after a warm-up step); weight-sync seconds and
         peak extra memory for models of about 1M, 10M and 100M parameters.
+  tp-sync
+        weight sync from a ZeRO-3 learner on 2 processes into two TP=1 replicas
+        against one TP=2 engine (scripts/bench_tp_sync.py under torchrun), for
+        about 1M, 10M and 100M parameters: seconds and peak growth per rank.
 
 Adding a benchmark: write ``bench_NAME(args) -> dict`` and a ``worker_NAME``
 if it needs clean processes, and register it in ``COMMANDS``.
@@ -856,12 +860,109 @@ def print_scale(result: dict) -> None:
     print(f"load average {result['load_average']}")
 
 
+# ----------------------------------------------------------------------------- tp-sync
+
+TP_SYNC_PLOT = REPO / "docs" / "img" / "tp_sync.png"
+
+
+def bench_tp_sync(args: argparse.Namespace) -> dict:
+    """Weight sync from a ZeRO-3 learner over 2 processes into TP=1 replicas against one TP=2 engine, per model
+    size (scripts/bench_tp_sync.py under torchrun): seconds and measured peak growth on each rank."""
+    from posttrain.models.tiny import make_tiny_model
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    rows = []
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        for hidden, layers in SYNC_SIZES[: args.sizes]:
+            model = make_tiny_model(tmp / f"model-{hidden}", hidden_size=hidden, num_layers=layers,
+                                    num_heads=hidden // 64, seed=0)
+            params = json.loads((model / "posttrain_tiny.json").read_text())["parameters"]
+            for repeat in range(args.repeats):
+                for tp in (1, 2) if repeat % 2 == 0 else (2, 1):
+                    out = tmp / f"tp{tp}-{hidden}-{repeat}"
+                    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+                    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+                               OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+                    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                           "--standalone", str(REPO / "scripts" / "bench_tp_sync.py"), str(model),
+                                           str(out), "--tp", str(tp), "--rounds", str(args.rounds),
+                                           "--bucket-mb", str(args.bucket_mb)],
+                                          capture_output=True, text=True, env=env, cwd=tmp)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"tp-sync tp={tp} hidden={hidden} failed:\n{done.stderr[-4000:]}")
+                    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+                    rows.append({"parameters": params, "tp": tp, "repeat": repeat,
+                                 "seconds": max(r["seconds"] for r in ranks),
+                                 "peak_bytes_per_rank": [r["measured_peak_bytes"] for r in ranks],
+                                 "peak_bucket_bytes": ranks[0]["peak_bucket_bytes"],
+                                 "num_buckets": ranks[0]["num_buckets"], "model_bytes": ranks[0]["model_bytes"],
+                                 "engine_parameters_per_rank": [r["engine_parameters"] for r in ranks],
+                                 "memory_source": ranks[0]["memory_source"]})
+                    print(f"  {params / 1e6:6.1f}M TP={tp}: {rows[-1]['seconds']:.3f} s", flush=True)
+    sizes = []
+    for params in sorted({r["parameters"] for r in rows}):
+        entry = {"parameters": params}
+        for tp in (1, 2):
+            mine = [r for r in rows if r["parameters"] == params and r["tp"] == tp]
+            entry[f"tp{tp}"] = {"seconds": statistics.median(r["seconds"] for r in mine),
+                                "peak_bytes_per_rank": max(max(b or 0 for b in r["peak_bytes_per_rank"]) for r in mine),
+                                "engine_parameters_per_rank": mine[0]["engine_parameters_per_rank"][0],
+                                "peak_bucket_bytes": mine[0]["peak_bucket_bytes"],
+                                "num_buckets": mine[0]["num_buckets"]}
+        entry["tp2_over_tp1_seconds"] = entry["tp2"]["seconds"] / entry["tp1"]["seconds"]
+        sizes.append(entry)
+    result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "bucket_mb": args.bucket_mb, "rounds": args.rounds, "repeats": args.repeats,
+              "memory_source": rows[0]["memory_source"], "sizes": sizes, "runs": rows,
+              "load": load_at_start + [round(x, 2) for x in os.getloadavg()]}
+    plot_tp_sync(result, Path(args.plot))
+    result["plot"] = os.path.relpath(args.plot, REPO)
+    return result
+
+
+def plot_tp_sync(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = [s["parameters"] / 1e6 for s in result["sizes"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for tp, marker in ((1, "o"), (2, "s")):
+        left.plot(params, [s[f"tp{tp}"]["seconds"] for s in result["sizes"]], marker=marker, label=f"TP={tp}")
+        right.plot(params, [s[f"tp{tp}"]["peak_bytes_per_rank"] / 2**20 for s in result["sizes"]], marker=marker,
+                   label=f"TP={tp}")
+    for axis, label in ((left, "sync seconds (slowest rank)"), (right, "peak growth per rank (MiB)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("parameters (M)")
+        axis.set_ylabel(label)
+        axis.legend()
+    fig.suptitle(f"ZeRO-3 learner on 2 processes -> 2 replicas (TP=1) or one TP=2 engine; "
+                 f"{result['bucket_mb']} MiB buckets")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_tp_sync(result: dict) -> None:
+    print(f"{'params':>10} {'TP=1 s':>8} {'TP=2 s':>8} {'ratio':>6} {'TP=1 peak MiB':>14} {'TP=2 peak MiB':>14} "
+          f"{'shard params':>13}")
+    for s in result["sizes"]:
+        print(f"{s['parameters']:>10,} {s['tp1']['seconds']:>8.3f} {s['tp2']['seconds']:>8.3f} "
+              f"{s['tp2_over_tp1_seconds']:>6.2f} {s['tp1']['peak_bytes_per_rank'] / 2**20:>14.1f} "
+              f"{s['tp2']['peak_bytes_per_rank'] / 2**20:>14.1f} {s['tp2']['engine_parameters_per_rank']:>13,}")
+    print(f"load average before/after: {result['load']}")
+
+
 COMMANDS = {
     # name: (benchmark, worker or None, printer)
     "dpo": (bench_dpo, worker_dpo, print_dpo),
     "grpo": (bench_grpo, worker_grpo, print_grpo),
     "lora-sync": (bench_lora_sync, worker_lora_sync, print_lora_sync),
     "scale": (bench_scale, worker_scale, print_scale),
+    "tp-sync": (bench_tp_sync, None, print_tp_sync),
 }
 
 
@@ -931,7 +1032,13 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--plot", default=str(SCALE_PLOT), help="PNG of the figures")
     scale.add_argument("--seed", type=int, default=0)
     scale.add_argument("--worker", choices=("sync",), help=argparse.SUPPRESS)
-    for p in (dpo, grpo, lora, scale):
+    tp_sync = sub.add_parser("tp-sync", help="weight sync from ZeRO-3 into TP=1 replicas vs one TP=2 engine")
+    tp_sync.add_argument("--sizes", type=int, default=len(SYNC_SIZES), help="how many model sizes (about 1M, 10M, 100M)")
+    tp_sync.add_argument("--bucket-mb", type=int, default=32, help="weight-sync bucket size")
+    tp_sync.add_argument("--rounds", type=int, default=3, help="timed syncs per run (after a warm-up one)")
+    tp_sync.add_argument("--repeats", type=int, default=1, help="runs per layout, alternating order")
+    tp_sync.add_argument("--plot", default=str(TP_SYNC_PLOT), help="PNG of the figures")
+    for p in (dpo, grpo, lora, scale, tp_sync):
         p.add_argument("--output", default=str(RESULTS), help="results file (sections are merged)")
     args = parser.parse_args(argv)
     bench, worker, show = COMMANDS[args.command]
