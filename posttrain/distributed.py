@@ -136,7 +136,7 @@ def _init_disaggregated(rollout_ranks: int, backend: str, local_rank: int, tenso
     if rank >= learners:
         if tensor_parallel_size > 1:
             # vLLM's external launcher reads its place from RANK and WORLD_SIZE: the rollout ranks' world.
-            os.environ.update(RANK=str(rank - learners), WORLD_SIZE=str(rollout_ranks))
+            os.environ.update(RANK=str(rank - learners), WORLD_SIZE=str(rollout_ranks), POSTTRAIN_GLOBAL_RANK=str(rank))
             dist.init_process_group(backend, store=dist.PrefixStore("posttrain/rollouts", store),
                                     rank=rank - learners, world_size=rollout_ranks)
             if backend == "nccl":

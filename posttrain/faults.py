@@ -17,10 +17,15 @@ import signal
 import threading
 
 
+def global_rank() -> str:
+    """This process's rank in the launch (a TP rollout rank's RANK is its place among the rollout ranks)."""
+    return os.environ.get("POSTTRAIN_GLOBAL_RANK", os.environ.get("RANK", "0"))
+
+
 def _armed(variable: str, step: int) -> bool:
     target = os.environ.get(variable)
     rank = os.environ.get("POSTTRAIN_FAULT_RANK")  # unset: every rank
-    return bool(target) and int(target) == step and (rank is None or rank == os.environ.get("RANK", "0"))
+    return bool(target) and int(target) == step and (rank is None or rank == global_rank())
 
 
 def maybe_kill(step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -76,9 +77,39 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     remove_orphaned_shm()  # left by an earlier run's killed tensor-parallel shard, it would stop this one
-    completed = subprocess.run(command, env=env)
+    returncode, reported, killed = _supervise(command, env)
     remove_orphaned_shm()
-    if completed.returncode != 0:
-        print(f"error: the run failed with exit status {completed.returncode} (see the messages above).",
-              file=sys.stderr)
-    return completed.returncode
+    if returncode != 0 and not reported:
+        # Nobody said what went wrong: a worker died before any rank could name it (e.g. a shard of a
+        # tensor-parallel engine whose partner was left waiting inside vLLM), so say it here, in one line.
+        from pathlib import Path
+
+        from posttrain.checkpoint import list_complete
+
+        complete = list_complete(Path(cfg.output_dir) / "checkpoints")
+        where = (f"the last intact checkpoint is {complete[-1]} (continue with resume=auto)" if complete
+                 else "the run stopped before its first checkpoint")
+        who = (f"rank {args.node_rank * args.nproc + killed[1]} died (exit code {killed[0]})" if killed
+               else f"the run failed with exit status {returncode}")
+        print(f"error: {who}; {where}. See the messages above.", file=sys.stderr)
+    return returncode
+
+
+_WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+
+
+def _supervise(command: list[str], env: dict) -> tuple[int, bool, tuple[int, int] | None]:
+    """Run torchrun, passing its stderr through unchanged (progress bars included) while watching it for a
+    posttrain error line and torchrun's note of the first worker that failed: (exit status, whether an
+    ``error:`` line was printed, (exit code, local rank) of that worker or None)."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    seen = b""
+    reported = False
+    while chunk := os.read(process.stderr.fileno(), 65536):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        seen = (seen + chunk)[-200_000:]
+        reported = reported or b"\nerror: " in b"\n" + seen
+    returncode = process.wait()
+    found = _WORKER_FAILED.search(seen.decode(errors="replace"))
+    return returncode, reported, (int(found.group(1)), int(found.group(2))) if found else None

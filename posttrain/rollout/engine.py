@@ -294,7 +294,16 @@ class RolloutEngine:
 
         start = time.perf_counter()
         with _preserve_process_state():
-            self.llm = LLM(**kwargs)
+            try:
+                self.llm = LLM(**kwargs)
+            except RuntimeError as err:
+                if "create shm" not in str(err):
+                    raise
+                # vLLM CPU names a TP group's shared memory after the group alone (see rollout/cpu_shm.py)
+                raise UserError(f"the tensor-parallel engine could not create its shared memory ({err}): another "
+                                "tensor-parallel vLLM engine on this machine holds /dev/shm/*-cpushm_* files.",
+                                hint="Run one rollout.tensor_parallel_size > 1 CPU run per machine at a time; "
+                                     "files left by a killed run are removed by the next `posttrain run`.") from None
         self.start_seconds = time.perf_counter() - start
         self._worker = self._in_process_worker()
         self._asleep: set[str] = set()
