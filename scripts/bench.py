@@ -813,6 +813,16 @@ def scale_result(args: argparse.Namespace, runs: dict[str, list[dict]], sync: li
             "setups": setups, "sync": sync}
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a benchmark's figure as a PNG (creating its folder) and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_scale(result: dict, path: Path) -> None:
     """Left: samples/s per setup; right: sync seconds and peak extra memory against parameters."""
     import matplotlib
@@ -839,10 +849,7 @@ def plot_scale(result: dict, path: Path) -> None:
         memory.set_ylabel("MiB", color="tab:green")
         memory.legend(loc="upper left", fontsize=8)
         right.set_title(f"weight sync ({result['settings']['bucket_mb']} MiB buckets)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_scale(result: dict) -> None:
@@ -940,10 +947,7 @@ def plot_tp_sync(result: dict, path: Path) -> None:
         axis.legend()
     fig.suptitle(f"ZeRO-3 learner on 2 processes -> 2 replicas (TP=1) or one TP=2 engine; "
                  f"{result['bucket_mb']} MiB buckets")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_tp_sync(result: dict) -> None:
