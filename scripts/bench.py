@@ -870,6 +870,8 @@ def print_scale(result: dict) -> None:
 # ----------------------------------------------------------------------------- tp-sync
 
 TP_SYNC_PLOT = REPO / "docs" / "img" / "tp_sync.png"
+# (hidden, layers): about 1M, 13M and 100M parameters; an even head count (hidden / 64) so TP=2 can split heads
+TP_SYNC_SIZES = ((128, 3), (384, 6), (768, 10))
 
 
 def bench_tp_sync(args: argparse.Namespace) -> dict:
@@ -881,7 +883,7 @@ def bench_tp_sync(args: argparse.Namespace) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        for hidden, layers in SYNC_SIZES[: args.sizes]:
+        for hidden, layers in TP_SYNC_SIZES[: args.sizes]:
             model = make_tiny_model(tmp / f"model-{hidden}", hidden_size=hidden, num_layers=layers,
                                     num_heads=hidden // 64, seed=0)
             params = json.loads((model / "posttrain_tiny.json").read_text())["parameters"]

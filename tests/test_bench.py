@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -66,6 +68,7 @@ def test_a_trl_side_that_cannot_run_is_a_note_not_a_number(bench, capsys):
 @pytest.mark.parametrize("command, options", [
     ("grpo", ("--threads", "--repeats", "--no-trl-vllm", "--eager", "--no-warm-start", "--no-padding-free")),
     ("scale", ("--steps", "--repeats", "--sizes", "--bucket-mb", "--threads", "--plot")),
+    ("tp-sync", ("--sizes", "--bucket-mb", "--rounds", "--repeats", "--plot")),
 ])
 def test_subcommand_is_registered(bench, capsys, command, options):
     assert command in bench.COMMANDS
@@ -155,3 +158,17 @@ def test_gpu_check_runs_its_measurements_on_cpu(tmp_path):
     sync = found["sync"]
     assert sum(sync["shard_bytes"]) > 0 and all(r["bytes"] == sync["rounds"][0]["bytes"] for r in sync["rounds"])
     assert sync["rounds"][0]["buckets"] > 1  # 1 MiB buckets over a ~2 MiB bf16 model
+
+
+def test_tp_sync_sizes_can_be_split_over_two_shards(bench):
+    # vLLM refuses TP=2 when the head count (hidden / 64 in make_tiny_model) is odd.
+    for hidden, _layers in bench.TP_SYNC_SIZES:
+        assert hidden % 64 == 0 and (hidden // 64) % 2 == 0, hidden
+
+
+def test_layout_diagram_is_drawn_from_the_layout_class(tmp_path):
+    out = tmp_path / "layout.png"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "draw_layout.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
