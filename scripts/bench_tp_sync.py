@@ -19,20 +19,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def count_engine_parameters(model) -> int:
-    """Parameters this rank's engine holds. vLLM CPU repacks linear weights into its GEMM kernels and leaves
-    the parameters empty, so a linear layer counts as its partition's input x output size (plus bias)."""
-    total = 0
-    for module in model.modules():
-        if hasattr(module, "input_size_per_partition") and hasattr(module, "output_size_per_partition"):
-            total += module.input_size_per_partition * module.output_size_per_partition
-            bias = getattr(module, "bias", None)
-            total += bias.numel() if bias is not None else 0
-        else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -56,7 +42,7 @@ def main() -> None:
                             world_size=info.world_size, micro_batch_size=1, grad_accum=1, total_steps=1)
     engine = RolloutEngine(args.model, RolloutConfig(enforce_eager=True, max_model_len=128, max_num_seqs=4,
                                                      tensor_parallel_size=args.tp))
-    engine_parameters = count_engine_parameters(engine._worker.model_runner.get_model())
+    engine_parameters = engine.held_parameters()
     stats = [sync_weights(engine, learner, bucket_bytes=args.bucket_mb * 2**20) for _ in range(args.rounds + 1)]
     engine.close()
     timed = stats[1:]

@@ -96,7 +96,8 @@ def test_both_shards_decode_the_learners_greedy_tokens_after_every_sync(zero_sta
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
     for found in ranks:
-        assert found["shard_parameters"] < 0.6 * found["full_parameters"]  # each rank holds a shard, not a copy
+        # each rank holds half the model (norms are replicated), not a copy
+        assert 0.5 * found["full_parameters"] < found["shard_parameters"] < 0.52 * found["full_parameters"]
         assert len(found["rounds"]) == 3
         for round_ in found["rounds"]:
             assert round_["engine"] == round_["learner"]

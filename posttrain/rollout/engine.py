@@ -361,6 +361,22 @@ class RolloutEngine:
             )
         return worker
 
+    def held_parameters(self) -> int:
+        """How many of the model's parameters this process's engine (shard) holds.
+
+        vLLM CPU repacks linear weights into its GEMM kernels and leaves the ``weight`` parameters empty, so
+        a linear layer counts as its partition's input x output size. LoRA wrappers own no ``weight`` of
+        their own and are not counted twice; LoRA factors are not model parameters.
+        """
+        total = 0
+        for module in self._worker.model_runner.get_model().modules():
+            for name, param in module.named_parameters(recurse=False):
+                if name == "weight" and hasattr(module, "input_size_per_partition"):
+                    total += module.input_size_per_partition * module.output_size_per_partition
+                else:
+                    total += param.numel()
+        return total
+
     # ---- generation ----------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids of one prompt, as the engine will see them."""

@@ -41,7 +41,6 @@ def main() -> None:
                         lora_sync=lora_sync)
     shard = RolloutEngine(model_dir, cfg, **({"lora_rank": 4} if lora_sync == "adapter" else {}))
     group = GenerationGroup(shard, Layout(info.world_size, 2), info.rank)
-    vllm_model = shard._worker.model_runner.get_model()
     prompts = [["The answer is", [{"role": "user", "content": "Reverse hello"}]], ["12 + 30 ="]][info.rank]
     rounds = []
     for round_ in range(3):
@@ -57,7 +56,7 @@ def main() -> None:
                        "peak_bucket_bytes": stats.peak_bucket_bytes, "measured_peak_bytes": stats.measured_peak_bytes,
                        "mode": stats.mode})
     result = {"rank": info.rank, "rounds": rounds,
-              "shard_parameters": sum(p.numel() for p in vllm_model.parameters()),
+              "shard_parameters": shard.held_parameters(),
               "full_parameters": sum(p.numel() for p in _model(model_dir, False).parameters())}
     shard.close()
     with open(f"{out_path}.{info.rank}", "w") as f:

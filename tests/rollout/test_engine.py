@@ -167,6 +167,14 @@ def test_stop_string_cuts_text_and_reports_stop(engine):
     assert free.completion_ids[: len(stopped.completion_ids)] == stopped.completion_ids
 
 
+def test_a_full_replica_holds_every_parameter(engine, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    # vLLM CPU empties the repacked linear weights; the count must still cover them.
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert engine.held_parameters() == sum(p.numel() for p in reference.parameters())
+
+
 def test_sleep_and_wake_are_noops_on_cpu(engine):
     engine.sleep()
     assert not engine.is_sleeping
