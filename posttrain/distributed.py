@@ -187,6 +187,35 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def all_gather_rows(tensor):
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order (the same shape on every rank).
+
+    Each rank holds a contiguous share of a step's prompts, so rank order is the one-process order: a
+    statistic of the gathered tensor is the one a single process computes."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    local = tensor.detach().to(torch.float64)
+    if dist.get_backend() == "nccl":
+        local = local.cuda()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts).to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_gather_objects(values: list) -> list:
+    """Concatenate every rank's list of picklable values, in rank order."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(values))
+    return [value for part in parts for value in part]
+
+
 def broadcast_object(value, src: int = 0):
     import torch.distributed as dist
 

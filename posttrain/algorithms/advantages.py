@@ -46,7 +46,7 @@ def _finish(advantages: Tensor, rewards: Tensor) -> Tensor:
     return torch.where(torch.isnan(rewards), torch.zeros_like(advantages), advantages)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo", needs=("batch_stats",))  # scale=batch
 def grpo_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6) -> Tensor:
     """GRPO group normalisation: A_i = (r_i - mean_g(r)) / (std + eps), with std the unbiased standard
     deviation of the group (``scale="group"``, the paper), of the whole batch (``scale="batch"``,
@@ -78,7 +78,7 @@ def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return grpo_advantages(rewards, group_size, scale="none")
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo", needs=("batch_stats",))  # normalize=True
 def rloo_advantages(
     rewards: Tensor, group_size: int, *, normalize: bool = False, eps: float = 1e-4
 ) -> Tensor:
@@ -103,7 +103,7 @@ def rloo_advantages(
     return adv
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", needs=("batch_stats", "mask"))
 def reinforce_pp_baseline_advantages(
     rewards: Tensor, group_size: int, *, mask: Tensor | None = None, eps: float = 1e-8
 ) -> Tensor:
@@ -112,7 +112,7 @@ def reinforce_pp_baseline_advantages(
     (each sequence counts once per response token), as in OpenRLHF and verl.
     ("REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models", 2025.)
 
-    The whitening is over the batch given: under several ranks, gather the rewards first.
+    The whitening is over the batch given: under several ranks, gather the rewards first (the trainers do).
     """
     centred = grpo_advantages(rewards, group_size, scale="none")
     scored = ~torch.isnan(rewards)
@@ -126,7 +126,7 @@ def reinforce_pp_baseline_advantages(
     return _finish((centred - mean) * torch.rsqrt(var + eps), rewards)
 
 
-@ADVANTAGE_ESTIMATORS.register("bnpo")
+@ADVANTAGE_ESTIMATORS.register("bnpo", needs=("batch_stats",))
 def bnpo_advantages(
     rewards: Tensor,
     group_size: int,
@@ -163,7 +163,7 @@ def bnpo_advantages(
     return _finish(adv.reshape(-1), rewards)
 
 
-@ADVANTAGE_ESTIMATORS.register("remax")
+@ADVANTAGE_ESTIMATORS.register("remax", needs=("baseline_rewards",))
 def remax_advantages(rewards: Tensor, group_size: int = 1, *, baseline_rewards: Tensor) -> Tensor:
     """ReMax: A_i = r_i - r(greedy_i), the baseline being the reward of the greedy response to the same
     prompt. ``baseline_rewards`` [B] holds that reward per row (repeat it over each group).
@@ -185,7 +185,7 @@ def reinforce_advantages(rewards: Tensor, group_size: int = 1) -> Tensor:
     return _finish(rewards.clone(), rewards)
 
 
-@ADVANTAGE_ESTIMATORS.register("spo")
+@ADVANTAGE_ESTIMATORS.register("spo", needs=("batch_stats", "tracker", "keys"))
 def spo_advantages(
     rewards: Tensor, group_size: int = 1, *, tracker: Any, keys: list, eps: float = 1e-8
 ) -> Tensor:

@@ -37,17 +37,28 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, Callable[..., Any]] = {}
+        self._needs: dict[str, frozenset[str]] = {}
 
-    def register(self, name: str, fn: F | None = None) -> Any:
-        """Register ``fn`` under ``name``; usable as ``@registry.register("name")``."""
+    def register(self, name: str, fn: F | None = None, *, needs: tuple[str, ...] = ()) -> Any:
+        """Register ``fn`` under ``name``; usable as ``@registry.register("name")``.
+
+        ``needs`` declares what the function takes beyond the standard arguments, so trainers can supply
+        it and validation can reject a recipe that cannot (see :meth:`needs`)."""
 
         def add(f: F) -> F:
             if name in self._items and self._items[name] is not f:
                 raise ValueError(f"{self.kind} {name!r} is already registered to {self._items[name]!r}")
             self._items[name] = f
+            self._needs[name] = frozenset(needs)
             return f
 
         return add if fn is None else add(fn)
+
+    def needs(self, name: str) -> frozenset[str]:
+        """What ``name`` declared it needs, e.g. ``{"baseline_rewards"}`` (remax) or ``{"batch_stats"}``
+        (statistics over the whole step's batch: every rank must see the gathered batch)."""
+        self.get(name)
+        return self._needs.get(name, frozenset())
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return the function registered as ``name``, or raise a ``ValueError`` naming the valid ones."""

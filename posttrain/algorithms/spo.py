@@ -8,9 +8,15 @@ prompt's success rate and uses it as the baseline:
     update after the step:   alpha <- rho * alpha + r,   beta <- rho * beta + (1 - r)
     rho(x) = clip(2 ** (-D(x) / D_half), rho_min, rho_max)
 
-D(x) is the KL divergence (mean per token |log pi_now - log pi_then|) between the current policy and
-the one that last saw prompt x: the further the policy has moved, the faster old evidence is
-forgotten. A prompt seen for the first time (or with no D given) gets D = 0, i.e. rho = rho_max.
+D(x) is the divergence between the current policy and the one that last saw prompt x: the further the
+policy has moved, the faster old evidence is forgotten. A prompt seen for the first time (or with no D
+given) gets D = 0, i.e. rho = rho_max.
+
+Where the paper measures D(x) directly (mean per token |log pi_now - log pi_then|), posttrain measures the
+policy's movement once per step, on that step's own batch after its update (:meth:`advance` with
+:func:`policy_divergence`), and takes D(x) as the movement summed over the steps since x was last seen
+(:meth:`divergence`): an upper bound of the direct measure by the triangle inequality, at one extra
+forward pass per step instead of keeping every prompt's old completions and log-probs.
 Rewards are meant to lie in [0, 1]; for other rewards the update is a discounted running mean with
 effective sample size alpha + beta.
 
@@ -51,6 +57,19 @@ class SPOValueTracker:
         self.alpha: dict[Hashable, float] = {}
         self.beta: dict[Hashable, float] = {}
         self.num_updates: dict[Hashable, int] = {}
+        self.movement = 0.0  # the policy's summed per-step divergence so far (advance)
+        self.seen_at: dict[Hashable, float] = {}  # self.movement when each prompt was last folded in
+
+    def advance(self, divergence: float) -> None:
+        """Record that the policy moved by ``divergence`` (one step's :func:`policy_divergence`, averaged
+        over the step's tokens on every rank)."""
+        if not divergence >= 0:
+            raise ValueError(f"a policy divergence is a non-negative number, got {divergence}")
+        self.movement += float(divergence)
+
+    def divergence(self, keys: Sequence[Hashable]) -> list[float]:
+        """D(x) per key: the movement since x was last folded in (0 for a prompt never seen)."""
+        return [self.movement - self.seen_at.get(key, self.movement) for key in keys]
 
     def initialize(self, key: Hashable, offline_rewards: Sequence[float]) -> None:
         """Set a prompt's prior from n offline samples of the initial policy with s successes:
@@ -116,6 +135,7 @@ class SPOValueTracker:
             self.alpha[key] = rho * a + reward
             self.beta[key] = rho * b + (1.0 - reward)
             self.num_updates[key] = self.num_updates.get(key, 0) + 1
+            self.seen_at[key] = self.movement
 
     def sampling_weights(self, keys: Sequence[Hashable], *, epsilon: float = 0.05) -> Tensor:
         """Prioritised sampling weights w(x) = sqrt(v (1 - v)) + epsilon (unnormalised)."""
@@ -134,6 +154,8 @@ class SPOValueTracker:
             "alpha": dict(self.alpha),
             "beta": dict(self.beta),
             "num_updates": dict(self.num_updates),
+            "movement": self.movement,
+            "seen_at": dict(self.seen_at),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,6 +168,8 @@ class SPOValueTracker:
         self.alpha = {k: float(v) for k, v in state["alpha"].items()}
         self.beta = {k: float(v) for k, v in state["beta"].items()}
         self.num_updates = {k: int(v) for k, v in state.get("num_updates", {}).items()}
+        self.movement = float(state.get("movement", 0.0))
+        self.seen_at = {k: float(v) for k, v in state.get("seen_at", {}).items()}
 
     def __len__(self) -> int:
         return len(self.alpha)

@@ -29,6 +29,7 @@ for the one-step-async schedule.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -37,7 +38,13 @@ import torch
 
 from posttrain import algorithms
 from posttrain.config.schema import ConfigError, doc
-from posttrain.distributed import DistInfo, all_reduce_sum
+from posttrain.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_gather_rows,
+    all_reduce_max,
+    all_reduce_sum,
+)
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.learner.packing import forward_logits
@@ -79,6 +86,23 @@ class GRPOSettings(OnlineSettings):
                                     (algorithms.KL_ESTIMATORS, self.kl_estimator, "kl_estimator")):
             if name not in registry:
                 raise ConfigError(f"grpo.{key} in {source}: {registry.unknown_message(name)}")
+        check_options(algorithms.ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args, "grpo.estimator_args",
+                      source, supplied=("rewards", "group_size"))
+
+
+def check_options(registry, name: str, options: dict, key: str, source: str, *, supplied: tuple[str, ...]) -> None:
+    """Reject options the function registered as ``name`` does not take, or ones the trainer supplies itself."""
+    import inspect
+
+    parameters = inspect.signature(registry.get(name)).parameters
+    own = {p for p, v in parameters.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)}
+    taken = set(supplied) | set(registry.needs(name))
+    for option in options:
+        if option in taken:
+            raise ConfigError(f"{key}.{option} in {source}: the trainer supplies {option!r} to {name}; remove it.")
+        if option not in own and not any(v.kind is v.VAR_KEYWORD for v in parameters.values()):
+            valid = ", ".join(sorted(own - taken)) or "none"
+            raise ConfigError(f"{key} in {source}: {name} has no option {option!r}. Its options: {valid}.")
 
 
 @dataclass
@@ -97,6 +121,11 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
+    if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(cfg.grpo.estimator) \
+            and cfg.rollout.schedule != "sync":
+        raise ConfigError(f"grpo.estimator: {cfg.grpo.estimator} in {source} needs the greedy completion of the "
+                          f"policy that sampled the step, which rollout.schedule: {cfg.rollout.schedule} does not "
+                          "have; use rollout.schedule: sync.")
     check_layout(cfg.rollout, cfg.rollout.model or cfg.model.path, world_size, source)
     return online.preflight(cfg, cfg.grpo, batch_plan(cfg, learners, source))
 
@@ -176,8 +205,14 @@ class Recipe:
         batch = self.rollouts.generate(step, rows)
         timings["generate"] = time.perf_counter() - t0
 
+        baseline_rewards = None
+        if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(g.estimator):  # ReMax: greedy baseline
+            baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
+            timings["generate"] = time.perf_counter() - t0
+
         t1 = time.perf_counter()
         rewards, scores = self.rollouts.score(rows, batch)
+        task_rewards = rewards
         timings["reward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -189,10 +224,12 @@ class Recipe:
                                                                  max(cfg.rollout.temperature, 1e-6),
                                                                  need_old=not single_pass,
                                                                  padding_free=g.padding_free)
+        reward_kl = None
         if g.kl_coef and g.kl_in == "reward":
             penalty = algorithms.sequence_kl(g.kl_estimator, old_logprobs, ref_logprobs, mask)
             rewards = rewards - g.kl_coef * penalty
-        advantages = self._advantages(rows, rewards, n)
+            reward_kl = all_reduce_sum([float(penalty.sum()), float(len(penalty))])  # logged as `kl`
+        advantages = self._advantages(rows, rewards, n, mask, baseline_rewards)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if g.dynamic_sampling:
             keep = algorithms.dynamic_sampling_mask(rewards, n)
@@ -204,6 +241,7 @@ class Recipe:
         update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
         learner_logprobs = old_logprobs if old_logprobs is not None else update.pop("first_logprobs")
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
+        spo_metrics = self._update_tracker(rows, task_rewards, n, tensors, learner_logprobs, mask)
         timings["train"] = time.perf_counter() - t2
 
         timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
@@ -215,9 +253,14 @@ class Recipe:
                                          verifier=self.rollouts.verifier)
         metrics["staleness"] = float(self.rollouts.staleness)
         dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
-        metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": update["kl"],
+        kl = update["kl"] if reward_kl is None else reward_kl[0] / max(reward_kl[1], 1.0)
+        metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": kl,
                         "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"],
-                        "lr": self.learner.lr})
+                        "lr": self.learner.lr, **spo_metrics})
+        if baseline_rewards is not None:
+            finite = baseline_rewards[torch.isfinite(baseline_rewards)]
+            total, scored = all_reduce_sum([float(finite.sum()), float(finite.numel())])
+            metrics["remax/baseline_reward"] = total / max(scored, 1.0)
         if self.learner.grad_norm is not None:
             metrics["grad_norm"] = self.learner.grad_norm
         return metrics
@@ -237,12 +280,54 @@ class Recipe:
         return (g.epochs == 1 and self.plan["mini_batches"] == 1 and g.tis_cap is None
                 and not (g.kl_coef and g.kl_in == "reward") and self.cfg.rollout.schedule == "sync")
 
-    def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int) -> torch.Tensor:
+    def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int, mask: torch.Tensor,
+                    baseline_rewards: torch.Tensor | None) -> torch.Tensor:
+        """This rank's advantages, computed on the step's whole batch gathered from every rank (in rank order,
+        the one-process order), so batch statistics (scale: batch, REINFORCE++-baseline, BNPO, SPO) are those
+        of one process; then this rank's rows."""
         g = self.cfg.grpo
-        if self.spo is not None:
-            keys = [r.where for r in rows for _ in range(n)]
-            return algorithms.group_advantages("spo", rewards, n, tracker=self.spo, keys=keys)
-        return algorithms.group_advantages(g.estimator, rewards, n, **g.estimator_args)
+        needs = algorithms.ADVANTAGE_ESTIMATORS.needs(g.estimator)
+        kwargs = dict(g.estimator_args)
+        if "mask" in needs:  # token-weighted batch statistics: only the response lengths matter
+            lengths = all_gather_rows(mask.sum(-1))
+            kwargs["mask"] = torch.arange(int(lengths.max().item()) + 1)[None, :] < lengths[:, None]
+        if "baseline_rewards" in needs:
+            kwargs["baseline_rewards"] = all_gather_rows(baseline_rewards)
+        if "tracker" in needs:
+            kwargs.update(tracker=self.spo, keys=all_gather_objects(self._keys(rows, n)))
+        advantages = algorithms.group_advantages(g.estimator, all_gather_rows(rewards), n, **kwargs)
+        first = self.dist.rank * rewards.shape[0]
+        return advantages[first : first + rewards.shape[0]]
+
+    @staticmethod
+    def _keys(rows: list[PromptRow], n: int) -> list[str]:
+        return [r.where for r in rows for _ in range(n)]
+
+    def _update_tracker(self, rows: list[PromptRow], rewards: torch.Tensor, n: int, tensors,
+                        before: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """SPO: fold the step's rewards into the value tracker, identically on every rank (the gathered batch),
+        discounted by how far the policy moved since each prompt was last seen; then record this step's
+        movement, measured on its batch after the update."""
+        if self.spo is None:
+            return {}
+        keys, all_rewards = all_gather_objects(self._keys(rows, n)), all_gather_rows(rewards)
+        scored = [i for i, r in enumerate(all_rewards.tolist()) if math.isfinite(r)]
+        before_values = self.spo.values([keys[i] for i in scored])
+        self.spo.update([keys[i] for i in scored], all_rewards[scored],
+                        divergence=self.spo.divergence([keys[i] for i in scored]))
+        after, _ = online.old_and_ref_logprobs(self.learner, None, tensors, self.cfg.train.micro_batch_size,
+                                               max(self.cfg.rollout.temperature, 1e-6), need_old=True,
+                                               padding_free=self.cfg.grpo.padding_free)
+        moved = algorithms.policy_divergence(after, before, mask) * mask.sum(-1)
+        moved_sum, tokens = all_reduce_sum([float(moved.sum()), float(mask.sum())])
+        self.spo.advance(moved_sum / max(tokens, 1.0))
+        after_values = self.spo.values([keys[i] for i in scored])
+        checksum = sum(self.spo.alpha.values()) + sum(self.spo.beta.values()) + self.spo.movement
+        high, neg_low = all_reduce_max([checksum, -checksum])
+        return {"spo/tracked_prompts": float(len(self.spo)), "spo/movement": self.spo.movement,
+                "spo/rank_spread": high + neg_low,  # 0: every rank holds the same tracker
+                "spo/value_mean": float(after_values.mean()) if scored else 0.0,
+                "spo/value_change": float((after_values - before_values).abs().mean()) if scored else 0.0}
 
     def _update(self, step: int, tensors, old_logprobs, ref_logprobs, advantages, loss_mask,
                 weights) -> dict[str, float]:

@@ -275,6 +275,15 @@ class OnlineRollouts:
         self.ready = target, submitted_at, self.engine.collect()
         return time.perf_counter() - started
 
+    @torch.no_grad()
+    def greedy_rewards(self, rows: list[PromptRow]) -> torch.Tensor:
+        """Rewards [len(rows)] of one greedy (temperature 0) completion per prompt, from the policy that just
+        sampled the step: ReMax's baseline. NaN where no reward scored it."""
+        batch = self.engine.generate([r.prompt for r in rows], n=1, temperature=0.0)
+        self.engine.sleep()
+        rewards, _, _ = score_samples(self.rewards, rows, batch)
+        return rewards
+
     def score(self, rows: list[PromptRow], batch) -> tuple[torch.Tensor, Any]:
         """Rewards [N] (NaN: unscored) and the raw ``BatchScores``; failures follow ``reward_on_error``."""
         rewards, _, scores = score_samples(self.rewards, rows, batch)
