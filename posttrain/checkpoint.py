@@ -58,6 +58,31 @@ def list_complete(checkpoint_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+class DiskFullError(UserError):
+    """A checkpoint could not be written because its device is full."""
+
+
+def disk_is_full(err: BaseException, where: Path) -> bool:
+    """Whether ``err`` (anywhere in its chain) says the device is full, or the device of ``where`` has next
+    to no space left (torch's zip writer reports a full disk only as "unexpected pos")."""
+    import errno
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < 16 * 2**20
+    except OSError:
+        return False
+
+
 def rng_state() -> dict:
     import numpy as np
 
@@ -91,19 +116,31 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         barrier()
-        write_model(tmp)
-        write_state(tmp / "state")
-        torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
-        barrier()
-        if self.rank == 0:
-            state = dict(trainer_state, step=step, fingerprint=self.fingerprint, identity=self.identity)
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
-            (tmp / MARKER).write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
-            self._point_last(final)
+        try:
+            write_model(tmp)
+            write_state(tmp / "state")
+            torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
+            barrier()
+            if self.rank == 0:
+                state = dict(trainer_state, step=step, fingerprint=self.fingerprint, identity=self.identity)
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+                (tmp / MARKER).write_text("ok\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                self._prune()
+                self._point_last(final)
+        except (OSError, RuntimeError) as err:
+            if not disk_is_full(err, self.root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # never counted (no COMPLETE), and its space is needed
+            complete = list_complete(self.root)
+            last = str(complete[-1]) if complete else "none (this run has no complete checkpoint yet)"
+            raise DiskFullError(
+                f"no space left on the device of {self.root} while writing the checkpoint of step {step}; "
+                f"the partial checkpoint was removed. The last complete checkpoint is {last}.",
+                hint="Free space (or lower checkpoint.keep_last, or move output_dir), then run again with "
+                     "resume=auto.") from None
         barrier()
         return final
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from posttrain.data.loading import not_utf8_error
 from posttrain.errors import DataError, UserError
 
 RESERVED = ("prompts", "completions")
@@ -109,13 +110,17 @@ def _is_messages(value: object) -> bool:
 def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) for every non-blank line; malformed rows are ``DataError``s naming the line."""
     try:
-        f = path.open(encoding="utf-8")
+        f = path.open("rb")
     except FileNotFoundError:
         raise UserError(f"input file {str(path)!r} does not exist.") from None
     except OSError as err:
         raise UserError(f"cannot read input file {str(path)!r}: {err.strerror}.") from None
     with f:
-        for number, line in enumerate(f, start=1):
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8_error(path, err, raw, f", row {number}") from None
             if not line.strip():
                 continue
             try:

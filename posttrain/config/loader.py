@@ -26,9 +26,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} does not exist.", hint="Run `posttrain recipes` to list the shipped recipes.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text (byte {err.start + 1}: {err.reason}); "
+                          "re-save it as UTF-8.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

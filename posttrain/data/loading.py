@@ -30,10 +30,33 @@ class Row:
         return f"{self.source}, row {self.number}"
 
 
+def not_utf8_error(path: Path, err: UnicodeDecodeError, data: bytes, where: str = "") -> DataError:
+    """The error for ``data`` (a line of ``path``, named by ``where``) that is not UTF-8."""
+    bad = data[err.start : err.start + 4]
+    return DataError(f"{path}{where}: not UTF-8 text (byte {bad[:1].hex(' ')!r} at byte {err.start + 1}"
+                     f"{' of that line' if where else ''}: {err.reason}). Re-save the file as UTF-8.")
+
+
+def _decode_text(path: Path) -> str:
+    """The whole file as UTF-8 text; a ``DataError`` naming the line and byte where it is not."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1)
+        raise not_utf8_error(path, UnicodeDecodeError(err.encoding, data, column, column + 1, err.reason),
+                        data[err.start - column :], f", line {line}") from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8_error(path, err, raw, f", row {number}") from None
             if not line.strip():
                 continue
             try:
@@ -48,7 +71,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(_decode_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
@@ -69,6 +92,9 @@ def _rows_from_dataset(dataset, source: str) -> list[Row]:
 
 def _read_with_datasets(path: Path, kind: str) -> list[Row]:
     import datasets
+
+    if kind == "csv":
+        _decode_text(path)  # name the line that is not UTF-8 before the csv reader fails on it
 
     try:
         dataset = datasets.load_dataset(kind, data_files=str(path), split="train")

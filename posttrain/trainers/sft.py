@@ -20,7 +20,6 @@ steps does not change the update.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -42,11 +41,17 @@ from posttrain.data.tokenize import (
 )
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import DataError
-from posttrain.faults import maybe_kill
+from posttrain.faults import maybe_kill, maybe_poison_loss
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
-from posttrain.trainers.common import RecipeConfig, check_output_dir, eval_batches, seed_everything
+from posttrain.trainers.common import (
+    RecipeConfig,
+    check_finite_loss,
+    check_output_dir,
+    eval_batches,
+    seed_everything,
+)
 from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
 
 log = logging.getLogger("posttrain")
@@ -175,7 +180,7 @@ class Recipe:
         for examples in micro_batches:
             batch = collate(examples, self.tokenizer.pad_token_id)
             logits = self.learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            summed = token_loss_sum(logits, batch["labels"])
+            summed = maybe_poison_loss(step + 1, token_loss_sum(logits, batch["labels"]))
             self.learner.backward(summed * scale)
             self.learner.step()
             loss_sum += summed.item()
@@ -185,8 +190,7 @@ class Recipe:
         grad_norm = self.learner.grad_norm
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
+        check_finite_loss(metrics["loss"], step + 1, self.run.last_checkpoint)
         return metrics
 
     @torch.no_grad()
