@@ -75,7 +75,8 @@ class GRPOSettings(OnlineSettings):
     kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3, low_var_kl.")
     kl_in: Literal["loss", "reward"] = doc("loss", "Put the KL penalty in the loss (GRPO) or subtract it from the reward.")
     entropy_coef: float = doc(0.0, "Entropy bonus weight.")
-    dynamic_sampling: bool = doc(False, "Leave out groups whose rewards are all equal (DAPO); counted in metrics.")
+    dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: groups whose rewards are all equal carry no signal; sample more groups until the step holds prompts_per_step informative ones (docs/rl.md).")
+    dynamic_sampling_max_rounds: int = doc(3, "Extra sampling rounds (prompts_per_step fresh prompts each) a step may spend to find informative groups; a step still short is filled with uninformative groups, masked out of the loss and counted. 0: only mask.")
     tis_cap: float | None = doc(None, "Truncated importance sampling: weight tokens by min(pi_learner/pi_sampler, cap).")
 
     def validate(self, source: str) -> None:
@@ -205,15 +206,19 @@ class Recipe:
         batch = self.rollouts.generate(step, rows)
         timings["generate"] = time.perf_counter() - t0
 
-        baseline_rewards = None
-        if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(g.estimator):  # ReMax: greedy baseline
-            baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
-            timings["generate"] = time.perf_counter() - t0
-
         t1 = time.perf_counter()
         rewards, scores = self.rollouts.score(rows, batch)
-        task_rewards = rewards
         timings["reward"] = time.perf_counter() - t1
+        refill_metrics: dict[str, float] = {}
+        if g.dynamic_sampling and g.dynamic_sampling_max_rounds > 0:
+            rows, batch, rewards, scores, refill_metrics = self._refill(step, rows, batch, rewards, scores)
+            timings["generate"] = time.perf_counter() - t0 - timings["reward"]
+        task_rewards = rewards
+        baseline_rewards = None
+        if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(g.estimator):  # ReMax: greedy baseline
+            started = time.perf_counter()
+            baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
+            timings["generate"] += time.perf_counter() - started
 
         t2 = time.perf_counter()
         tensors = batch.collate(self.tokenizer.pad_token_id)
@@ -232,7 +237,7 @@ class Recipe:
         advantages = self._advantages(rows, rewards, n, mask, baseline_rewards)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if g.dynamic_sampling:
-            keep = algorithms.dynamic_sampling_mask(rewards, n)
+            keep = algorithms.dynamic_sampling_mask(task_rewards, n)  # before any KL in the reward
         loss_mask = mask * keep[:, None].float()
         weights, tis_metrics = None, {}
         if g.tis_cap is not None:
@@ -256,7 +261,7 @@ class Recipe:
         kl = update["kl"] if reward_kl is None else reward_kl[0] / max(reward_kl[1], 1.0)
         metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": kl,
                         "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"],
-                        "lr": self.learner.lr, **spo_metrics})
+                        "lr": self.learner.lr, **spo_metrics, **refill_metrics})
         if baseline_rewards is not None:
             finite = baseline_rewards[torch.isfinite(baseline_rewards)]
             total, scored = all_reduce_sum([float(finite.sum()), float(finite.numel())])
@@ -264,6 +269,22 @@ class Recipe:
         if self.learner.grad_norm is not None:
             metrics["grad_norm"] = self.learner.grad_norm
         return metrics
+
+    def _refill(self, step: int, rows, batch, rewards, scores):
+        """DAPO dynamic sampling: more groups until the step holds prompts_per_step informative ones."""
+        from posttrain.trainers import dynamic_sampling as ds
+
+        def more_round(round_: int) -> list[ds.ScoredGroup]:
+            extra_rows = self.rollouts.refill_rows(step, round_)
+            extra = self.rollouts.generate_refill(step, round_, extra_rows)
+            extra_rewards, extra_scores = self.rollouts.score(extra_rows, extra)
+            return ds.split_groups(extra_rows, extra, extra_rewards, extra_scores)
+
+        mine, metrics = ds.fill_with_informative_groups(
+            ds.split_groups(rows, batch, rewards, scores), more_round, target=self.cfg.grpo.prompts_per_step,
+            max_rounds=self.cfg.grpo.dynamic_sampling_max_rounds, rank=self.dist.rank,
+            world_size=self.dist.world_size)
+        return (*ds.join_groups(mine, batch), metrics)
 
     def _single_pass(self) -> bool:
         """Whether the update's own forward can stand in for the "old" log-probs forward.

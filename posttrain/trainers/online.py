@@ -257,12 +257,28 @@ class OnlineRollouts:
             self.inflight = step + 1, step
         return batch
 
-    def _seed(self, step: int) -> int:
+    def _seed(self, step: int, round_: int = 0) -> int:
         """The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
-        makes every prompt's seed depend only on (run seed, step, global position)."""
+        makes every prompt's seed depend only on (run seed, step, refill round, global position)."""
         n = self.cfg.rollout.n
         first = self.dist.rank * (self.settings.prompts_per_step // self.dist.world_size)
-        return self.cfg.seed * 1_000_003 + step * 100_003 + first * n
+        return self.cfg.seed * 1_000_003 + step * 100_003 + round_ * 10_000_019 + first * n
+
+    def refill_rows(self, step: int, round_: int) -> list[PromptRow]:
+        """This rank's share of the fresh prompts of dynamic-sampling refill round ``round_`` (>= 1)."""
+        from posttrain.trainers.dynamic_sampling import refill_prompt_ids
+
+        ids = refill_prompt_ids(len(self.prompts), self.settings.prompts_per_step, seed=self.cfg.seed, step=step,
+                                round_=round_)
+        share = self.settings.prompts_per_step // self.dist.world_size
+        return [self.prompts[i] for i in ids[self.dist.rank * share : (self.dist.rank + 1) * share]]
+
+    def generate_refill(self, step: int, round_: int, rows: list[PromptRow]):
+        """``rollout.n`` samples per prompt of a refill round, with the weights that sampled the step."""
+        self.await_prefetch()  # one-step async: the batch in flight is answered first (and kept)
+        batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step, round_))
+        self.engine.sleep()
+        return batch
 
     def await_prefetch(self) -> float:
         """Wait for the prefetched batch (one-step async), before the engine may take new requests (weights,
