@@ -40,12 +40,14 @@ def dpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, batch
 
 def grpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, reward_funcs: list, num_generations: int,
                  prompts_per_step: int, max_completion_length: int, lr: float, max_steps: int, seed: int = 0,
-                 temperature: float = 1.0, use_vllm: bool = False, vllm_kv_cache_gib: int = 1):
+                 temperature: float = 1.0, use_vllm: bool = False, vllm_kv_cache_gib: int = 1,
+                 loss_type: str = "dapo", beta: float = 0.0, scale_rewards: str = "group", **config):
     """A TRL ``GRPOTrainer`` on CPU in fp32 with posttrain's GRPO recipe settings.
 
     One rollout of ``prompts_per_step`` prompts x ``num_generations`` samples per optimizer step (one
-    micro-batch, one iteration), no reference model (``beta=0``), clip 0.2 on both sides, token-mean loss
-    over the batch (TRL's ``dapo``), advantages scaled by the group's std. With ``use_vllm`` it samples with
+    micro-batch, one iteration), by default no reference model (``beta=0``), clip 0.2 on both sides,
+    token-mean loss over the batch (TRL's ``dapo``), advantages scaled by the group's std; ``loss_type``,
+    ``beta`` and ``scale_rewards`` are TRL's settings of those names; ``config`` goes to ``GRPOConfig``. With ``use_vllm`` it samples with
     a vLLM engine in its own process (``vllm_mode="colocate"``), whose CPU KV cache gets ``vllm_kv_cache_gib``.
     """
     import os
@@ -62,11 +64,11 @@ def grpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, rewa
         output_dir=str(out_dir), per_device_train_batch_size=prompts_per_step * num_generations,
         gradient_accumulation_steps=1, num_generations=num_generations, max_completion_length=max_completion_length,
         temperature=temperature, top_p=1.0, top_k=0, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-        max_steps=max_steps, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        max_steps=max_steps, beta=beta, num_iterations=1, epsilon=0.2, loss_type=loss_type, scale_rewards=scale_rewards,
         mask_truncated_completions=False, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
         logging_steps=10**6, log_completions=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
         disable_dropout=True, max_grad_norm=1.0, weight_decay=0.0, use_vllm=use_vllm, vllm_mode="colocate",
-        vllm_enable_sleep_mode=False,
+        vllm_enable_sleep_mode=False, **config,
     )
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                        train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)

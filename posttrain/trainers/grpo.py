@@ -114,6 +114,37 @@ class Config(RecipeConfig):
     grpo: GRPOSettings = field(default_factory=GRPOSettings, metadata={"help": "GRPO settings."})
 
 
+@dataclass
+class MicroBatchLoss:
+    loss: torch.Tensor  # what is back-propagated: policy loss (+ kl_coef * KL) (+ entropy bonus)
+    policy: algorithms.PolicyLossResult
+    kl: torch.Tensor | None  # the KL term before kl_coef, when it is in the loss
+    logits: torch.Tensor
+    logprobs: torch.Tensor  # [b, L], token_logprobs' layout
+
+
+def micro_batch_loss(model, g: GRPOSettings, input_ids, attention_mask, completion_mask, old_logprobs, ref_logprobs,
+                     token_advantages, loss_mask, importance_weights, agg: dict, temperature: float) -> MicroBatchLoss:
+    """One micro-batch's GRPO loss: the policy loss ``g.policy_loss`` aggregated by ``g.loss_agg`` over the global
+    batch (``agg``: global token and sequence counts, the constant of ``seq-mean-token-sum-norm``, the gradient
+    divisor), plus ``kl_coef`` times the KL to the reference when ``kl_in: loss``, plus the entropy bonus.
+    ``old_logprobs`` None: one pass, the detached log-probs of this forward are the old ones (ratio 1)."""
+    logits = forward_logits(model, input_ids, attention_mask, padding_free=g.padding_free)
+    logprobs = token_logprobs(logits, input_ids, completion_mask, temperature=temperature)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    policy = algorithms.compute_policy_loss(g.policy_loss, logprobs, old, token_advantages, loss_mask,
+                                            loss_agg_mode=g.loss_agg, importance_weights=importance_weights,
+                                            **agg, **g.policy_loss_args)
+    loss, kl = policy.loss, None
+    if g.kl_coef and g.kl_in == "loss":
+        kl = algorithms.kl_loss(logprobs, ref_logprobs, loss_mask, kind=g.kl_estimator, loss_agg_mode=g.loss_agg, **agg)
+        loss = loss + g.kl_coef * kl
+    if g.entropy_coef:
+        entropy = token_entropy(logits, completion_mask, temperature=temperature)
+        loss = loss + algorithms.entropy_bonus(entropy, loss_mask, coef=g.entropy_coef, loss_agg_mode=g.loss_agg, **agg)
+    return MicroBatchLoss(loss, policy, kl, logits, logprobs)
+
+
 def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
     """The batch arithmetic, checked up front with a message that says which numbers must divide which."""
     return online.batch_plan(cfg.grpo, n=cfg.rollout.n, epochs=cfg.grpo.epochs, train=cfg.train,
@@ -371,32 +402,19 @@ class Recipe:
                        "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
                 for start in range(rows.start, rows.stop, cfg.train.micro_batch_size):
                     part = slice(start, min(start + cfg.train.micro_batch_size, rows.stop))
-                    logits = forward_logits(self.learner, tensors["input_ids"][part],
-                                                 tensors["attention_mask"][part], padding_free=g.padding_free)
-                    logprobs = token_logprobs(logits, tensors["input_ids"][part], tensors["completion_mask"][part],
-                                              temperature=temperature)
-                    if old_logprobs is None:
-                        first_logprobs[part] = logprobs.detach()  # one epoch: this is the first and only pass
-                        old = first_logprobs[part]
-                    else:
-                        old = old_logprobs[part]
-                    result = algorithms.compute_policy_loss(
-                        g.policy_loss, logprobs, old, token_adv[part], loss_mask[part],
-                        loss_agg_mode=g.loss_agg, importance_weights=None if weights is None else weights[part],
-                        **agg, **g.policy_loss_args)
-                    loss = result.loss
-                    if g.kl_coef and g.kl_in == "loss":
-                        kl = algorithms.kl_loss(logprobs, ref_logprobs[part], loss_mask[part], kind=g.kl_estimator,
-                                                loss_agg_mode=g.loss_agg, **agg)
-                        loss = loss + g.kl_coef * kl
-                        sums["kl"] += kl.item() / divisor
-                    if g.entropy_coef:
-                        entropy = token_entropy(logits, tensors["completion_mask"][part], temperature=temperature)
-                        loss = loss + algorithms.entropy_bonus(entropy, loss_mask[part], coef=g.entropy_coef,
-                                                               loss_agg_mode=g.loss_agg, **agg)
-                    loss, skipped = online.guard_nonfinite(loss, g.nonfinite_loss, "policy loss", "grpo.nonfinite_loss",
-                                                           step=step + 1, last_checkpoint=self.run.last_checkpoint,
-                                                           anchor=logits)
+                    out = micro_batch_loss(
+                        self.learner, g, tensors["input_ids"][part], tensors["attention_mask"][part],
+                        tensors["completion_mask"][part], None if old_logprobs is None else old_logprobs[part],
+                        None if ref_logprobs is None else ref_logprobs[part], token_adv[part], loss_mask[part],
+                        None if weights is None else weights[part], agg, temperature)
+                    if old_logprobs is None:  # one epoch: this is the first and only pass
+                        first_logprobs[part] = out.logprobs.detach()
+                    result = out.policy
+                    if out.kl is not None:
+                        sums["kl"] += out.kl.item() / divisor
+                    loss, skipped = online.guard_nonfinite(out.loss, g.nonfinite_loss, "policy loss",
+                                                           "grpo.nonfinite_loss", step=step + 1,
+                                                           last_checkpoint=self.run.last_checkpoint, anchor=out.logits)
                     sums["nonfinite"] += float(skipped) / dist.world_size  # all ranks skip together
                     self.learner.backward(loss)
                     self.learner.step()
