@@ -55,7 +55,7 @@ from posttrain.rollout.logprobs import drift_stats
 from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
 from posttrain.trainers.harness import RunHarness, run_identity
-from posttrain.trainers.online import OnlineRollouts, OnlineSettings, PromptRow
+from posttrain.trainers.online import OnlineRollouts, OnlineSettings, PromptRow, RolloutCorrection
 from posttrain.trainers.reference import FrozenReference
 
 log = logging.getLogger("posttrain")
@@ -77,10 +77,21 @@ class GRPOSettings(OnlineSettings):
     entropy_coef: float = doc(0.0, "Entropy bonus weight.")
     dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: groups whose rewards are all equal carry no signal; sample more groups until the step holds prompts_per_step informative ones (docs/rl.md).")
     dynamic_sampling_max_rounds: int = doc(3, "Extra sampling rounds (prompts_per_step fresh prompts each) a step may spend to find informative groups; a step still short is filled with uninformative groups, masked out of the loss and counted. 0: only mask.")
-    tis_cap: float | None = doc(None, "Truncated importance sampling: weight tokens by min(pi_learner/pi_sampler, cap).")
+    tis_cap: float | None = doc(None, "Short for rollout_correction: {level: token, mode: truncate, clip_max: tis_cap}: weight tokens by min(pi_learner/pi_sampler, cap).")
+
+    def correction(self) -> RolloutCorrection:
+        """The rollout correction in force: ``rollout_correction``, or the one ``tis_cap`` stands for."""
+        if self.tis_cap is not None:
+            return RolloutCorrection(level="token", mode="truncate", clip_max=self.tis_cap)
+        return self.rollout_correction
 
     def validate(self, source: str) -> None:
         super().validate(source)
+        if self.tis_cap is not None and self.rollout_correction.enabled:
+            raise ConfigError(f"grpo.tis_cap and grpo.rollout_correction in {source} both set a correction; "
+                              "tis_cap is the short form of rollout_correction: {level: token, mode: truncate, "
+                              "clip_max: CAP}. Keep one.")
+        self.correction().check("grpo.tis_cap", source)
         for registry, name, key in ((algorithms.ADVANTAGE_ESTIMATORS, self.estimator, "estimator"),
                                     (algorithms.POLICY_LOSSES, self.policy_loss, "policy_loss"),
                                     (algorithms.LOSS_AGGREGATIONS, self.loss_agg, "loss_agg"),
@@ -271,9 +282,8 @@ class Recipe:
             keep = algorithms.dynamic_sampling_mask(task_rewards, n)  # before any KL in the reward
         loss_mask = mask * keep[:, None].float()
         weights, tis_metrics = None, {}
-        if g.tis_cap is not None:
-            tis = algorithms.truncated_importance_weights(old_logprobs, tensors["sampler_logprobs"], mask, clip_max=g.tis_cap)
-            weights, tis_metrics = tis.weights, {f"tis_{k}": float(v) for k, v in tis.metrics.items()}
+        if g.correction().enabled:
+            weights, tis_metrics = g.correction().weights(old_logprobs, tensors["sampler_logprobs"], mask)
         update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
         learner_logprobs = old_logprobs if old_logprobs is not None else update.pop("first_logprobs")
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
@@ -329,7 +339,7 @@ class Recipe:
         sampler's.
         """
         g = self.cfg.grpo
-        return (g.epochs == 1 and self.plan["mini_batches"] == 1 and g.tis_cap is None
+        return (g.epochs == 1 and self.plan["mini_batches"] == 1 and not g.correction().enabled
                 and not (g.kl_coef and g.kl_in == "reward") and self.cfg.rollout.schedule == "sync")
 
     def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int, mask: torch.Tensor,

@@ -115,6 +115,39 @@ VERIFIER_REWARDS = ("math_verify", "unit_test")
 
 
 @dataclass
+class RolloutCorrection:
+    """Importance correction between the sampler's and the learner's log-probs of the sampled tokens
+    (``posttrain.algorithms.truncated_importance_weights``): every loss token is weighted by w, the
+    learner/sampler ratio per token (``token``), of the whole sequence (``sequence``: exp of the summed
+    log-ratio) or its geometric mean (``geometric``), truncated to [clip_min, clip_max] (``truncate``, TIS) or
+    zeroed outside it (``mask``, MIS). ("Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training", Yao et al., 2025.)"""
+
+    level: Literal["off", "token", "sequence", "geometric"] = doc("off", "off, or the level of the importance ratio: token, sequence or geometric.")
+    mode: Literal["truncate", "mask"] = doc("truncate", "truncate: clamp w to [clip_min, clip_max] (TIS); mask: weight 0 outside it (MIS).")
+    clip_min: float | None = doc(None, "Lower bound of w (None: none).")
+    clip_max: float = doc(2.0, "Upper bound of w.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.level != "off"
+
+    def weights(self, learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor):
+        """``(weights broadcastable to [B, T], metrics)``; metrics keyed ``tis_<name>``."""
+        from posttrain.algorithms import truncated_importance_weights
+
+        result = truncated_importance_weights(learner_logprobs, sampler_logprobs, mask, level=self.level,
+                                              clip_max=self.clip_max, clip_min=self.clip_min, mode=self.mode)
+        return result.weights.expand_as(mask), {f"tis_{k}": float(v) for k, v in result.metrics.items()}
+
+    def check(self, key: str, source: str) -> None:
+        """A ``ConfigError`` naming ``key`` for bounds that cannot work."""
+        if self.enabled and (self.clip_max <= 0 or (self.clip_min is not None and self.clip_min > self.clip_max)):
+            raise ConfigError(f"{key} in {source}: need 0 < clip_max and clip_min <= clip_max, got "
+                              f"clip_min={self.clip_min}, clip_max={self.clip_max}.")
+
+
+@dataclass
 class OnlineSettings:
     """Settings every online RL recipe has; a recipe's section (``grpo:``, ``ppo:``) extends it."""
 
@@ -131,7 +164,10 @@ class OnlineSettings:
     sync_bucket_mb: int = doc(256, "Weight-sync bucket size in MiB (bounds the extra memory of a sync).")
     padding_free: bool = doc(True, "Pack each micro-batch's sequences into fewer rows for the learner's forward passes (policy, reference, critic) instead of padding them to the longest; same outputs, less compute when lengths vary (docs/rl.md).")
 
+    rollout_correction: RolloutCorrection = doc(RolloutCorrection, "Importance correction between the sampler's and the learner's log-probs (docs/rl.md).")
+
     def validate(self, source: str) -> None:
+        self.rollout_correction.check(f"{self.section}.rollout_correction", source)
         if not self.rewards:
             raise ConfigError(f"{self.section}.rewards in {source} is empty; name at least one reward.")
         if self.prompts_per_step < 1:

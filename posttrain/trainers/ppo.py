@@ -342,13 +342,17 @@ class Recipe:
         whitened = (algorithms.masked_whiten(advantages, loss_mask, mean=adv_stats["mean"], var=adv_stats["var"])
                     if p.whiten_advantages else advantages)
         drift = drift_stats(tensors["sampler_logprobs"], old_logprobs, mask)
+        weights = None
+        if p.rollout_correction.enabled:
+            weights, tis_metrics = p.rollout_correction.weights(old_logprobs, tensors["sampler_logprobs"], loss_mask)
+            drift.update(tis_metrics)
         if p.save_batches:
             self._save_batch(step, {"scores": scores, "shaped_scores": shaped, "loss_mask": loss_mask,
                                     "logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "token_kl": token_kl,
                                     "values": old_values, "token_rewards": token_rewards, "advantages": advantages,
                                     "whitened_advantages": whitened, "returns": returns, "kl_coef": beta,
                                     "gamma": p.gamma, "lam": p.lam, "input_ids": tensors["input_ids"]})
-        update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask)
+        update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask, weights)
         timings["train"] = time.perf_counter() - t2
 
         timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
@@ -415,7 +419,8 @@ class Recipe:
             shaped = shaped.clamp(-p.reward_clip, p.reward_clip)
         return shaped.float().nan_to_num(0.0)
 
-    def _update(self, step: int, tensors, old_logprobs, old_values, advantages, returns, loss_mask) -> dict[str, float]:
+    def _update(self, step: int, tensors, old_logprobs, old_values, advantages, returns, loss_mask,
+                weights=None) -> dict[str, float]:
         """``ppo.epochs`` passes of shuffled mini-batches; each mini-batch is one optimizer step of the policy
         and one of the critic. Losses are aggregated over the global mini-batch (counts summed over ranks)."""
         cfg, p, dist = self.cfg, self.cfg.ppo, self.dist
@@ -443,7 +448,8 @@ class Recipe:
                     tokens = mask.sum().item()
                     if train_policy:
                         self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
-                                                advantages[part], agg, temperature, sums, divisor, tokens)
+                                                advantages[part], agg, temperature, sums, divisor, tokens,
+                                                None if weights is None else weights[part])
                     values = token_values(forward_logits(self.critic, ids, attention,
                                                               padding_free=p.padding_free), completion)
                     value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], mask,
@@ -472,13 +478,13 @@ class Recipe:
         return result
 
     def _policy_micro_step(self, step: int, ids, attention, completion, mask, old_logprobs, advantages, agg, temperature,
-                           sums, divisor, tokens) -> None:
+                           sums, divisor, tokens, weights=None) -> None:
         p = self.cfg.ppo
         logits = forward_logits(self.learner, ids, attention, padding_free=p.padding_free)
         logprobs = token_logprobs(logits, ids, completion, temperature=temperature)
         result = algorithms.compute_policy_loss("ppo", logprobs, old_logprobs, advantages, mask,
                                                 loss_agg_mode=p.loss_agg, clip_low=p.clip_range,
-                                                clip_high=p.clip_range, **agg)
+                                                clip_high=p.clip_range, importance_weights=weights, **agg)
         loss = result.loss
         if p.entropy_coef:
             entropy = token_entropy(logits, completion, temperature=temperature)
