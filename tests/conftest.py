@@ -43,3 +43,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_same_gradients(ours, theirs, *, rtol: float = 1e-5) -> None:
+    """Every parameter of module ``ours`` has the gradient of the same-named one of ``theirs``: elementwise
+    ``rtol``, plus an atol at 1e-5 of the tensor's scale for entries near zero (float summation order); and
+    every parameter but (at most) unused embedding rows got one."""
+    import torch
+
+    named = dict(theirs.named_parameters())
+    compared = 0
+    for name, param in ours.named_parameters():
+        expected = named[name].grad
+        torch.testing.assert_close(param.grad, expected, rtol=rtol, atol=1e-5 * expected.abs().max().item(),
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
+        compared += param.grad.abs().sum().item() > 0
+    assert compared >= len(named) - 1

@@ -59,6 +59,7 @@ def _run(tiny_model, arithmetic_data, tmp_path, name, *extra):
     return [r for r in read_metrics(out) if "reward/mean" in r]
 
 
+@pytest.mark.slow
 def test_refill_fills_the_step_with_informative_groups(tiny_model, arithmetic_data, tmp_path):
     masked = _run(tiny_model, arithmetic_data, tmp_path, "mask", "grpo.dynamic_sampling_max_rounds=0")
     assert max(r["filtered_share"] for r in masked) > 0  # without refill, groups without signal are dropped

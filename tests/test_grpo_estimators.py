@@ -86,6 +86,7 @@ def test_estimator_options_are_checked_before_launch(tiny_model, arithmetic_data
     assert remax_async.returncode == 2 and "rollout.schedule: sync" in remax_async.stderr
 
 
+@pytest.mark.slow
 def test_remax_baseline_is_the_reward_of_the_greedy_completion(tiny_model, arithmetic_data, tmp_path):
     (tmp_path / "rec.py").write_text(RECORDING_REWARD)
     log = tmp_path / "calls.jsonl"
@@ -121,6 +122,7 @@ def test_remax_baseline_is_the_reward_of_the_greedy_completion(tiny_model, arith
     assert step["remax/baseline_reward"] == pytest.approx(baseline)
 
 
+@pytest.mark.slow
 def test_kl_in_the_reward_is_logged(tiny_model, arithmetic_data, tmp_path):
     common = _common(tiny_model, arithmetic_data, tmp_path, "grpo.kl_coef=0.5", "grpo.kl_in=reward",
                      "grpo.kl_estimator=k1", "learner.lr=5e-3", "train.max_steps=3")
