@@ -120,7 +120,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise not_utf8_error(path, err, raw, f", row {number}") from None
+                raise not_utf8_error(path, f", row {number}", raw, err.start, err.reason) from None
             if not line.strip():
                 continue
             try:

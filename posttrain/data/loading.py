@@ -30,11 +30,10 @@ class Row:
         return f"{self.source}, row {self.number}"
 
 
-def not_utf8_error(path: Path, err: UnicodeDecodeError, data: bytes, where: str = "") -> DataError:
-    """The error for ``data`` (a line of ``path``, named by ``where``) that is not UTF-8."""
-    bad = data[err.start : err.start + 4]
-    return DataError(f"{path}{where}: not UTF-8 text (byte {bad[:1].hex(' ')!r} at byte {err.start + 1}"
-                     f"{' of that line' if where else ''}: {err.reason}). Re-save the file as UTF-8.")
+def not_utf8_error(path: Path, where: str, line: bytes, position: int, reason: str) -> DataError:
+    """The error for ``line`` of ``path`` (named by ``where``) whose byte at ``position`` is not UTF-8."""
+    return DataError(f"{path}{where}: not UTF-8 text (byte {line[position : position + 1].hex()!r} at byte "
+                     f"{position + 1} of that line: {reason}). Re-save the file as UTF-8.")
 
 
 def _decode_text(path: Path) -> str:
@@ -43,10 +42,9 @@ def _decode_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1)
-        raise not_utf8_error(path, UnicodeDecodeError(err.encoding, data, column, column + 1, err.reason),
-                        data[err.start - column :], f", line {line}") from None
+        start = data.rfind(b"\n", 0, err.start) + 1
+        number = data.count(b"\n", 0, start) + 1
+        raise not_utf8_error(path, f", line {number}", data[start:], err.start - start, err.reason) from None
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -56,7 +54,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise not_utf8_error(path, err, raw, f", row {number}") from None
+                raise not_utf8_error(path, f", row {number}", raw, err.start, err.reason) from None
             if not line.strip():
                 continue
             try:

@@ -51,7 +51,7 @@ def split_groups(rows: list, batch, rewards: torch.Tensor, scores) -> list[Score
     groups = []
     for g, row in enumerate(rows):
         span = range(g * n, (g + 1) * n)
-        issues = [i for i in scores.issues if getattr(i, "row", None) in span]
+        issues = [i for i in scores.issues if i.row in span]
         groups.append(ScoredGroup(row, [batch[i] for i in span], [values[i] for i in span],
                                   {label: [column[i] for i in span] for label, column in scores.scores.items()},
                                   issues))

@@ -276,7 +276,9 @@ class Recipe:
             penalty = algorithms.sequence_kl(g.kl_estimator, old_logprobs, ref_logprobs, mask)
             rewards = rewards - g.kl_coef * penalty
             reward_kl = all_reduce_sum([float(penalty.sum()), float(len(penalty))])  # logged as `kl`
-        advantages = self._advantages(rows, rewards, n, mask, baseline_rewards)
+        # SPO: the step's prompt keys over every rank, in the one-process order (for its advantages and tracker)
+        keys = all_gather_objects(self._keys(rows, n)) if self.spo is not None else None
+        advantages = self._advantages(rewards, n, mask, baseline_rewards, keys)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if g.dynamic_sampling:
             keep = algorithms.dynamic_sampling_mask(task_rewards, n)  # before any KL in the reward
@@ -287,7 +289,7 @@ class Recipe:
         update = self._update(step, tensors, old_logprobs, ref_logprobs, advantages, loss_mask, weights)
         learner_logprobs = old_logprobs if old_logprobs is not None else update.pop("first_logprobs")
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
-        spo_metrics = self._update_tracker(rows, task_rewards, n, tensors, learner_logprobs, mask)
+        spo_metrics = self._update_tracker(keys, task_rewards, tensors, learner_logprobs, mask)
         timings["train"] = time.perf_counter() - t2
 
         timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
@@ -342,8 +344,8 @@ class Recipe:
         return (g.epochs == 1 and self.plan["mini_batches"] == 1 and not g.correction().enabled
                 and not (g.kl_coef and g.kl_in == "reward") and self.cfg.rollout.schedule == "sync")
 
-    def _advantages(self, rows: list[PromptRow], rewards: torch.Tensor, n: int, mask: torch.Tensor,
-                    baseline_rewards: torch.Tensor | None) -> torch.Tensor:
+    def _advantages(self, rewards: torch.Tensor, n: int, mask: torch.Tensor, baseline_rewards: torch.Tensor | None,
+                    keys: list[str] | None) -> torch.Tensor:
         """This rank's advantages, computed on the step's whole batch gathered from every rank (in rank order,
         the one-process order), so batch statistics (scale: batch, REINFORCE++-baseline, BNPO, SPO) are those
         of one process; then this rank's rows."""
@@ -356,7 +358,7 @@ class Recipe:
         if "baseline_rewards" in needs:
             kwargs["baseline_rewards"] = all_gather_rows(baseline_rewards)
         if "tracker" in needs:
-            kwargs.update(tracker=self.spo, keys=all_gather_objects(self._keys(rows, n)))
+            kwargs.update(tracker=self.spo, keys=keys)
         advantages = algorithms.group_advantages(g.estimator, all_gather_rows(rewards), n, **kwargs)
         first = self.dist.rank * rewards.shape[0]
         return advantages[first : first + rewards.shape[0]]
@@ -365,14 +367,14 @@ class Recipe:
     def _keys(rows: list[PromptRow], n: int) -> list[str]:
         return [r.where for r in rows for _ in range(n)]
 
-    def _update_tracker(self, rows: list[PromptRow], rewards: torch.Tensor, n: int, tensors,
-                        before: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    def _update_tracker(self, keys: list[str] | None, rewards: torch.Tensor, tensors, before: torch.Tensor,
+                        mask: torch.Tensor) -> dict[str, float]:
         """SPO: fold the step's rewards into the value tracker, identically on every rank (the gathered batch),
         discounted by how far the policy moved since each prompt was last seen; then record this step's
         movement, measured on its batch after the update."""
         if self.spo is None:
             return {}
-        keys, all_rewards = all_gather_objects(self._keys(rows, n)), all_gather_rows(rewards)
+        all_rewards = all_gather_rows(rewards)
         scored = [i for i, r in enumerate(all_rewards.tolist()) if math.isfinite(r)]
         before_values = self.spo.values([keys[i] for i in scored])
         self.spo.update([keys[i] for i in scored], all_rewards[scored],
