@@ -97,11 +97,11 @@ def test_remax_baseline_is_the_reward_of_the_greedy_completion(tiny_model, arith
                      env={"REWARD_LOG": str(log)})
     assert result.returncode == 0, result.stderr[-3000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    # evaluation (8 held-out prompts), then step 1: the greedy baseline (one completion per prompt, 4 prompts)
-    # and the 4 x 4 samples, then evaluation again
+    # evaluation (8 held-out prompts), then step 1: the 4 x 4 samples and, after them (a refill may change
+    # the step's prompts), the greedy baseline (one completion per prompt, 4 prompts), then evaluation again
     sizes = [len(c["completions"]) for c in calls]
-    assert sizes == [8, 4, 16, 8], sizes
-    greedy, sampled = calls[1], calls[2]
+    assert sizes == [8, 16, 4, 8], sizes
+    sampled, greedy = calls[1], calls[2]
     assert greedy["prompts"] == sampled["prompts"][::4]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
