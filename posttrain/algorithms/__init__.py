@@ -16,6 +16,7 @@ registry                       entry point
 ``RANKING_LOSSES``             :func:`listwise_ranking_loss`
 ``ENSEMBLE_REDUCTIONS``        :func:`ensemble_reward`
 ``OBJECTIVE_COMBINATIONS``     :func:`combine_objectives`
+``PAIR_SELECTIONS``            :func:`select_pairs` (+ :func:`rso_select`)
 =============================  ==========================================================
 
 See ``docs/algorithms.md`` for the table of methods, papers and anchor frameworks.
@@ -78,6 +79,7 @@ from posttrain.algorithms.registry import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
     OBJECTIVE_COMBINATIONS,
+    PAIR_SELECTIONS,
     POLICY_LOSSES,
     PREFERENCE_LOSSES,
     RANKING_LOSSES,
@@ -88,6 +90,14 @@ from posttrain.algorithms.registry import (
     get_loss_aggregation,
     get_policy_loss,
     get_preference_loss,
+)
+from posttrain.algorithms.rejection_sampling import (
+    PAIRINGS,
+    acceptance_probabilities,
+    all_pairs,
+    rso_select,
+    select_pairs,
+    tournament_pairs,
 )
 from posttrain.algorithms.reward_model import (
     bradley_terry_loss,
@@ -106,6 +116,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "OBJECTIVE_COMBINATIONS",
+    "PAIRINGS",
+    "PAIR_SELECTIONS",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "RANKING_LOSSES",
@@ -120,7 +132,9 @@ __all__ = [
     "RunningMoments",
     "SPOValueTracker",
     "UnknownNameError",
+    "acceptance_probabilities",
     "aggregate_loss",
+    "all_pairs",
     "bnpo_advantages",
     "bradley_terry_loss",
     "broadcast_advantages",
@@ -171,8 +185,11 @@ __all__ = [
     "reinforce_pp_baseline_advantages",
     "remax_advantages",
     "rloo_advantages",
+    "rso_select",
+    "select_pairs",
     "sequence_kl",
     "spo_advantages",
+    "tournament_pairs",
     "truncated_importance_weights",
     "value_loss",
 ]

@@ -100,6 +100,7 @@ KL_ESTIMATORS = Registry("KL estimator")
 RANKING_LOSSES = Registry("ranking loss")
 ENSEMBLE_REDUCTIONS = Registry("reward ensemble reduction")
 OBJECTIVE_COMBINATIONS = Registry("multi-objective combination")
+PAIR_SELECTIONS = Registry("preference pair selection")
 
 
 def get_policy_loss(name: str) -> Callable[..., Any]:

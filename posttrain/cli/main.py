@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "posttrain.cli.data",
     "posttrain.cli.score",
     "posttrain.cli.eval",
+    "posttrain.cli.pairs",
 )
 
 DESCRIPTION = """\

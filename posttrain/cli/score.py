@@ -147,6 +147,12 @@ def check_row(path: Path, number: int, row: dict, columns: dict) -> None:
     for name in RESERVED:
         if name in row:
             raise DataError(f"{where}: field {name!r} is reserved (rewards receive it positionally); rename it.")
+    check_reward_columns(where, row, columns)
+
+
+def check_reward_columns(where: str, row: dict, columns: dict) -> None:
+    """Raise a ``DataError`` naming ``where`` and the field when ``row`` lacks a column a reward reads, or holds
+    one of the wrong type (``columns``: ``RewardSet.columns()``)."""
     for label, declared in columns.items():
         for column in declared:
             value = row.get(column.name)

@@ -67,6 +67,7 @@ EXPECTED = {
     "RANKING_LOSSES": {"lambda", "listmle", "pairwise_logistic", "softmax"},
     "ENSEMBLE_REDUCTIONS": {"mean", "wco", "uwo"},
     "OBJECTIVE_COMBINATIONS": {"weighted_sum", "maxmin", "min", "softmin"},
+    "PAIR_SELECTIONS": {"rso", "best_worst", "random_pairs"},
 }
 
 
