@@ -163,6 +163,17 @@ def test_unknown_selection_names_the_valid_ones():
 
 # ----------------------------------------------------------------------------- posttrain pairs -> dpo
 
+
+def test_completions_take_the_prompts_format_and_the_recipe_is_listed():
+    from posttrain.cli.pairs import _completion, selection_seed
+
+    assert _completion("What is 1 + 2?", " 3") == " 3"
+    assert _completion([{"role": "user", "content": "1 + 2?"}], "3") == [{"role": "assistant", "content": "3"}]
+    assert selection_seed(0, 1) == selection_seed(0, 1) != selection_seed(0, 2) != selection_seed(1, 2)
+    listing = run_cli("recipes")
+    assert listing.returncode == 0
+    assert any(line.split()[:2] == ["rso", "dpo"] for line in listing.stdout.splitlines()), listing.stdout
+
 REWARD = '''
 def spread(prompts, completions, answer, **columns):
     """A graded, deterministic score of the text (a random model's samples all fail math_verify)."""
