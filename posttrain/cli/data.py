@@ -14,11 +14,13 @@ def add_parser(subparsers) -> None:
         description="Write train.jsonl and test.jsonl (no question in both) for a synthetic task: "
         "arithmetic or largest (`messages` for SFT, `prompt` for RL, `answer` for a verifiable reward), preference "
         "(`prompt`, `chosen`, `rejected`: DPO, reward models), kto (`prompt`, `completion`, `label`), "
+        "listwise (`prompt`, `completions`, `ranks`: four answers ranked by distance from the right sum, reward "
+        "models), "
         "process (`prompt`, `completions`, `labels`: process reward models), code (`prompt`, `tests`, "
         "`entry_point`: the unit_test reward) or instruct (`prompt`, `references`: the bleu reward); code and "
         "instruct rows also carry `messages` with the reference answer, for SFT.",
     )
-    parser.add_argument("task", help="task name: arithmetic, largest, preference, kto, process, code or instruct")
+    parser.add_argument("task", help="task name: arithmetic, largest, preference, kto, listwise, process, code or instruct")
     parser.add_argument("out_dir", help="directory to write to")
     parser.add_argument("--train", type=int, default=2000, help="training rows (default 2000)")
     parser.add_argument("--test", type=int, default=200, help="held-out rows (default 200)")

@@ -3,6 +3,7 @@
 | task | columns |
 | SFT | ``messages``, or ``prompt`` + ``completion``, or ``text`` |
 | preference | ``prompt``, ``chosen``, ``rejected`` (strings or message lists) |
+| listwise preference | ``prompt``, ``completions`` (K >= 2 strings or message lists), ``ranks`` (1 = best) or ``scores`` |
 | unpaired preference | ``prompt``, ``completion``, ``label`` (bool) |
 | prompt-only | ``prompt`` plus any extra columns |
 | process reward | ``prompt``, ``completions`` (list of steps), ``labels`` (bools or floats in [0, 1]) |
@@ -12,6 +13,7 @@ Each check raises ``DataError`` naming the file, the row and the field.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from posttrain.data.loading import Row
@@ -120,3 +122,53 @@ def check_process_reward(row: Row) -> None:
         ok = isinstance(label, bool) or (isinstance(label, (int, float)) and 0.0 <= float(label) <= 1.0)
         if not ok:
             raise DataError(f"{row.where}: labels[{i}] must be a bool or a number in [0, 1], got {label!r}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_listwise(row: Row) -> None:
+    """Listwise preference row (reward models): ``prompt``, ``completions`` (K >= 2 strings, or K assistant
+    message lists with a message-list prompt) and exactly one of ``ranks`` (integers in 1..K, 1 = best, ties
+    allowed) or ``scores`` (finite numbers, higher = better), one per completion, not all equal."""
+    data = row.data
+    if "completions" in data and ("chosen" in data or "rejected" in data):
+        raise DataError(f"{row.where}: has both 'completions' (a listwise row) and 'chosen'/'rejected' (a paired "
+                        "row); keep one layout.")
+    prompt = check_text_or_messages(row, "prompt")
+    completions = data.get("completions")
+    if not isinstance(completions, list) or len(completions) < 2:
+        got = f"{len(completions)} item" + ("" if len(completions) == 1 else "s") if isinstance(completions, list) \
+            else type(completions).__name__
+        raise DataError(f"{row.where}: field 'completions' must be a list of at least 2 responses to rank, got {got}.")
+    for i, completion in enumerate(completions):
+        where = f"completions[{i}]"
+        if isinstance(prompt, list):
+            if not is_conversation(completion):
+                raise DataError(f"{row.where}: {where} must be a message list, as the prompt is one.")
+            check_messages(Row({where: completion}, row.source, row.number), where)
+        elif not isinstance(completion, str):
+            raise DataError(f"{row.where}: {where} must be a string, as the prompt is one; got "
+                            f"{type(completion).__name__}.")
+        elif not completion.strip():
+            raise DataError(f"{row.where}: {where} is empty.")
+    has = [key for key in ("ranks", "scores") if key in data]
+    if len(has) != 1:
+        hint = " (rows with 'labels' are step-labelled PRM data: trainer: prm)" if not has and "labels" in data else ""
+        raise DataError(f"{row.where}: a listwise row needs exactly one of 'ranks' (1 = best) or 'scores' (higher = "
+                        f"better), got {'both' if has else 'neither'}{hint}.")
+    key = has[0]
+    values = data[key]
+    k = len(completions)
+    if not isinstance(values, list) or len(values) != k:
+        got = f"{len(values)} entries" if isinstance(values, list) else f"a {type(values).__name__}"
+        raise DataError(f"{row.where}: field {key!r} must be a list with one entry per completion ({k}), got {got}.")
+    for i, value in enumerate(values):
+        if not _is_number(value) or not math.isfinite(value):
+            raise DataError(f"{row.where}: {key}[{i}] must be a {'rank' if key == 'ranks' else 'finite number'}, "
+                            f"got {value!r}.")
+        if key == "ranks" and (not float(value).is_integer() or not 1 <= value <= k):
+            raise DataError(f"{row.where}: ranks[{i}] must be an integer from 1 (best) to {k}, got {value!r}.")
+    if len(set(values)) == 1:
+        raise DataError(f"{row.where}: every completion has the same {key[:-1]}; the list carries no preference.")

@@ -16,6 +16,9 @@ writes when it fails (a wrong sum, a malformed answer). Preference data then
 has something to teach that carries over to held-out questions: answer every
 phrasing in the trained format with the right sum.
 
+``listwise`` (reward models on ranked lists): the same questions with four answers each, ranked by
+how far the answer's sum is from the right one (see ``listwise_rows``).
+
 ``process`` (PRM): a sum of several terms worked out step by step, some steps
 wrong, each step labelled.
 
@@ -133,6 +136,41 @@ def kto_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     return rows
 
 
+def _listwise_answer(rng: random.Random, a: int, b: int, offset: int) -> tuple[str, int | None]:
+    """An answer whose sum is off by ``offset`` and the number it gives (None: no number at all). Off answers
+    come as a small model writes them: the trained format, a dropped operand, or (for the farthest) a
+    malformed answer with no sum."""
+    claimed = a + b + offset
+    if offset == 0:
+        return _right_answer(a, b), claimed
+    kind = rng.random()
+    if kind < 0.6:
+        return f"{a} + {b} = {claimed}. The answer is \\boxed{{{claimed}}}.", claimed
+    if kind < 0.85 or abs(offset) < 20:
+        return f"{a} = {claimed}. The answer is \\boxed{{{claimed}}}.", claimed
+    return f"{rng.choice([a, b])}}}.", None
+
+
+def listwise_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Lists of K = 4 answers to one question, ranked by distance from the right sum: the right answer, one off
+    by 1 to 7, one by 8 to 19, one by 20 to 40 (never negative), in random order. ``ranks`` are 1 (best) to 4
+    (distinct: the distance bands do not overlap, and only the farthest answer may be malformed, with no
+    sum, which counts as farthest of all). Also carries ``answer``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, prompt = _question(rng, max_operand)
+        offsets = [0] + [rng.choice([-1, 1]) * rng.randint(lo, hi) for lo, hi in ((1, 7), (8, 19), (20, 40))]
+        offsets = [d if a + b + d >= 0 else -d for d in offsets]
+        answers = [_listwise_answer(rng, a, b, d) for d in offsets]
+        rng.shuffle(answers)
+        distance = [float("inf") if x is None else abs(x - (a + b)) for _, x in answers]
+        ranks = [1 + sum(other < d for other in distance) for d in distance]  # competition ranks
+        rows.append({"prompt": prompt, "completions": [[{"role": "assistant", "content": text}] for text, _ in answers],
+                     "ranks": ranks, "answer": str(a + b)})
+    return rows
+
+
 def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     """PRM rows: a sum worked out in steps; half the rows have one step off by 5 to 15, and every step
     from the first error on is labelled false (the solution can no longer be right).
@@ -157,7 +195,8 @@ def process_rows(n: int, *, seed: int = 0, max_operand: int = 20) -> list[dict]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "largest": largest_rows, "preference": preference_rows, "kto": kto_rows, "process": process_rows,
+TASKS = {"arithmetic": arithmetic_rows, "largest": largest_rows, "preference": preference_rows, "kto": kto_rows,
+         "listwise": listwise_rows, "process": process_rows,
          "code": code_rows, "instruct": instruct_rows}
 
 

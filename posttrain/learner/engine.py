@@ -48,8 +48,13 @@ def deepspeed_config(cfg: LearnerConfig, *, micro_batch_size: int, grad_accum: i
     }
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """Wrap ``model`` with a PEFT LoRA adapter (only adapter weights train)."""
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig, *, task_type: str | None = "CAUSAL_LM",
+               train_in_full: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Wrap ``model`` with a PEFT LoRA adapter (only adapter weights train).
+
+    ``task_type`` is PEFT's (None: a plain ``PeftModel``, e.g. for a scoring model, which cannot generate);
+    modules named in ``train_in_full`` (e.g. a reward model's new ``score`` head) train in full beside the
+    adapters: they are in the merged model that ``model.lora.save_merged`` writes, not in the adapter."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -63,8 +68,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
             f"its linear layers include {sorted(n for n in present if 'proj' in n)[:12]}."
         )
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                              task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
+                              task_type=task_type)
+    wrapped = get_peft_model(model, peft_cfg)
+    for name, param in wrapped.named_parameters():
+        if any(f".{module}." in f".{name}" for module in train_in_full):
+            param.requires_grad_(True)
+    return wrapped
 
 
 @dataclass

@@ -4,6 +4,10 @@ Supports:
   - rm: ``AutoModelForSequenceClassification`` (one score), Bradley-Terry loss with an optional
     per-pair ``margin`` column and reward centring; eval pairwise accuracy. The saved model is the
     ``orm`` reward of ``reward_models`` unchanged.
+  - rm on listwise data (rows with ``completions`` and ``ranks`` or ``scores``, K >= 2 per prompt): a
+    ranking loss of ``RANKING_LOSSES`` over each list (``rm.ranking_loss``: LiPO-lambda, ListMLE,
+    RankNet's pairwise logistic, ListNet-style softmax); eval pairwise accuracy over every ordered pair
+    with different labels and top-1 accuracy. Same model, same ``orm`` reward.
   - prm: ``AutoModelForTokenClassification`` (2 labels), per-step binary cross-entropy at step positions
     with hard labels or soft Monte-Carlo values; eval per-step accuracy against a constant predictor.
     The saved model is the ``prm`` reward unchanged (input convention in ``posttrain.data.process``).
@@ -11,12 +15,15 @@ Supports:
     1..N processes, checkpoints and ``resume=auto``
 
 Assumes:
-  - rm: paired data ``prompt``, ``chosen``, ``rejected`` (strings or message lists), optional ``margin``
+  - rm: paired data ``prompt``, ``chosen``, ``rejected`` (strings or message lists), optional ``margin``;
+    or listwise data ``prompt``, ``completions``, ``ranks`` | ``scores`` (``posttrain.data.listwise``), one
+    kind per run
   - prm: ``prompt``, ``completions`` (steps), ``labels`` (bool or [0, 1] per step)
 
 Training language models to follow instructions with human feedback (Ouyang et al., 2022);
 Rank analysis of incomplete block designs: the method of paired comparisons (Bradley & Terry, 1952);
-Let's Verify Step by Step (Lightman et al., 2023); Math-Shepherd (Wang et al., 2024).
+Let's Verify Step by Step (Lightman et al., 2023); Math-Shepherd (Wang et al., 2024);
+LiPO: Listwise Preference Optimization through Learning-to-Rank (Liu et al., 2024).
 """
 
 from __future__ import annotations
@@ -30,12 +37,19 @@ import torch
 
 from posttrain import algorithms
 from posttrain.config.schema import check_batch_sizes, doc
+from posttrain.data.listwise import (
+    ListwiseExample,
+    collate_listwise,
+    list_scores,
+    load_listwise,
+    rm_data_kind,
+)
 from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
 from posttrain.data.process import ProcessExample, collate_process, load_process
 from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import IGNORE
 from posttrain.distributed import DistInfo, all_reduce_sum
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.faults import maybe_kill
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
@@ -55,11 +69,21 @@ from reward_models.prm import DEFAULT_SEPARATOR
 
 log = logging.getLogger("posttrain")
 
+# Module names of the scoring heads transformers puts on a causal LM (Llama, Qwen, Mistral: score; others: classifier).
+SCORING_HEADS = ("score", "classifier")
+
 
 @dataclass
 class RMSettings:
     use_margin: bool = doc(True, "Use the data's `margin` column when present: loss = -log sigmoid(r_c - r_r - margin).")
     center_coefficient: float = doc(0.0, "Reward centring: adds coef * mean((r_c + r_r)^2) (Eisenstein et al., 2023).")
+    ranking_loss: str = doc("lambda", "Loss on listwise data (rows with `completions` and `ranks` or `scores`): "
+                            "lambda (LiPO-lambda), listmle, pairwise_logistic or softmax (any RANKING_LOSSES name; "
+                            "docs/preference-data.md).")
+
+    def validate(self, source: str) -> None:
+        if self.ranking_loss not in algorithms.RANKING_LOSSES:
+            raise ConfigError(f"rm.ranking_loss in {source}: {algorithms.RANKING_LOSSES.unknown_message(self.ranking_loss)}")
 
 
 @dataclass
@@ -99,6 +123,60 @@ class PairwiseTask:
     def summarize(totals: dict[str, float], count: float) -> dict[str, float]:
         """Global sums -> metrics: means over pairs."""
         return {k: v / max(count, 1.0) for k, v in totals.items()}
+
+
+class ListwiseTask:
+    """Outcome RM on ranked lists: one score per completion, a listwise ranking loss per prompt.
+
+    All completions of a micro-batch's lists go through one forward; their scores are placed into
+    [lists, K_max] with shorter lists masked, and ``listwise_ranking_loss`` (``rm.ranking_loss``) gives one
+    loss per list. Labels (higher = better) are the rows' scores, or K - rank (``posttrain.data.listwise``)."""
+
+    head = "sequence"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def load(self, tokenizer):
+        return load_listwise(self.cfg.data, self.cfg.seed, tokenizer,
+                             nonnegative=self.cfg.rm.ranking_loss == "softmax")
+
+    def forward(self, learner, examples: list[ListwiseExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Per-list losses and statistics: ordered pairs with different labels and how many the scores order
+        right, whether the top score is a best-labelled completion, best-minus-worst mean score."""
+        batch = collate_listwise(examples, pad_token_id)
+        flat = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        mask, labels = batch["mask"], batch["labels"]
+        scores = list_scores(flat.float(), mask)
+        losses = algorithms.listwise_ranking_loss(scores, labels, mask, method=self.cfg.rm.ranking_loss)
+        return {"loss": losses, **listwise_stats(scores.detach(), labels, mask)}
+
+    @staticmethod
+    def summarize(totals: dict[str, float], count: float) -> dict[str, float]:
+        """Global sums -> metrics: loss, top-1 accuracy and margin per list; accuracy per ordered pair."""
+        lists = max(count, 1.0)
+        return {"loss": totals.get("loss", 0.0) / lists,
+                "accuracy": totals.get("pairs_correct", 0.0) / max(totals.get("pairs", 0.0), 1.0),
+                "top1_accuracy": totals.get("top1", 0.0) / lists, "margin": totals.get("margin", 0.0) / lists}
+
+
+def listwise_stats(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per list [B], for scores, labels and mask [B, K]: ``pairs`` (ordered pairs (i, j) with label_i > label_j),
+    ``pairs_correct`` (of those, how many have score_i > score_j), ``top1`` (1 if the highest-scored completion
+    has the list's highest label) and ``margin`` (mean score of the best-labelled minus of the worst-labelled)."""
+    valid = mask.unsqueeze(2) & mask.unsqueeze(1)
+    better = (labels.unsqueeze(2) > labels.unsqueeze(1)) & valid
+    right = better & (scores.unsqueeze(2) > scores.unsqueeze(1))
+    neg_inf = torch.full_like(scores, -torch.inf)
+    top = torch.where(mask, scores, neg_inf).argmax(dim=1, keepdim=True)
+    best_label = torch.where(mask, labels, neg_inf).max(dim=1, keepdim=True).values
+    worst_label = torch.where(mask, labels, -neg_inf).min(dim=1, keepdim=True).values
+    best, worst = mask & (labels == best_label), mask & (labels == worst_label)
+    zero = torch.zeros_like(scores)
+    margin = (torch.where(best, scores, zero).sum(1) / best.sum(1).clamp(min=1)
+              - torch.where(worst, scores, zero).sum(1) / worst.sum(1).clamp(min=1))
+    return {"pairs": better.sum((1, 2)).float(), "pairs_correct": right.sum((1, 2)).float(),
+            "top1": (labels.gather(1, top) == best_label).squeeze(1).float(), "margin": margin}
 
 
 class StepTask:
@@ -141,13 +219,22 @@ class StepTask:
 TASKS = {"rm": PairwiseTask, "prm": StepTask}
 
 
+def make_task(cfg: Config) -> PairwiseTask | ListwiseTask | StepTask:
+    """The task of ``cfg.trainer``; for ``rm``, listwise when the data has ``completions`` (one kind per run)."""
+    if cfg.trainer == "rm" and rm_data_kind(cfg.data) == "listwise":
+        return ListwiseTask(cfg)
+    return TASKS[cfg.trainer](cfg)
+
+
 def preflight(cfg: Config, world_size: int, source: str) -> None:
     check_model_path(cfg.model.path)
     check_batch_sizes(cfg.train, world_size, source)
     check_output_dir(cfg)
-    train, _, _, _ = TASKS[cfg.trainer](cfg).load(load_tokenizer(cfg.model, cfg.data.chat_template))
+    task = make_task(cfg)
+    train, _, _, _ = task.load(load_tokenizer(cfg.model, cfg.data.chat_template))
     if len(train) < cfg.train.global_batch_size:
-        raise DataError(f"{cfg.data.path}: {len(train)} valid pairs are fewer than one global batch "
+        unit = {PairwiseTask: "pairs", ListwiseTask: "lists", StepTask: "examples"}[type(task)]
+        raise DataError(f"{cfg.data.path}: {len(train)} valid {unit} are fewer than one global batch "
                         f"(train.global_batch_size={cfg.train.global_batch_size}).")
 
 
@@ -156,7 +243,7 @@ class Recipe:
         self.cfg = cfg
         self.dist = dist
         self.source = source
-        self.task = TASKS[cfg.trainer](cfg)
+        self.task = make_task(cfg)
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -172,11 +259,17 @@ class Recipe:
                  len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
         model = load_scoring_model(cfg.model, self.task.head, self.tokenizer.pad_token_id)
         if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
+            # Adapters on the backbone and the (new) head in full; the usable scoring model is then the merged one.
+            model = apply_lora(model, cfg.model.lora, task_type=None, train_in_full=SCORING_HEADS)
+            if not cfg.model.lora.save_merged:
+                cfg.model.lora.save_merged = True
+                log.info("LoRA: checkpoints hold the merged scoring model (<checkpoint>/merged; the head trains in "
+                         "full, so the adapter alone does not score)")
         self.learner = build_learner(model, cfg.learner, world_size=self.dist.world_size,
                                      micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
                                      total_steps=self.total_steps)
-        self.run = RunHarness(cfg, self.dist, run_identity(cfg, head=self.task.head))
+        listwise = {"task": "listwise", "ranking_loss": cfg.rm.ranking_loss} if isinstance(self.task, ListwiseTask) else {}
+        self.run = RunHarness(cfg, self.dist, run_identity(cfg, head=self.task.head, **listwise))
         self.run.history["skipped_rows"] = skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
