@@ -396,3 +396,20 @@ def test_lora_on_a_scoring_model_trains_adapters_and_the_head(tiny_model):
     trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
     assert "base_model.model.score.weight" in trainable
     assert trainable - {"base_model.model.score.weight"} and all("lora_" in n for n in trainable - {"base_model.model.score.weight"})
+
+
+def test_overlong_lists_are_truncated_dropped_or_refused():
+    from posttrain.data.listwise import ListwiseExample, fit_listwise
+    from posttrain.data.tokenize import LengthReport
+    from posttrain.errors import DataError, InvalidRow
+
+    example = ListwiseExample([1, 2, 3], [[4, 5, 6, 7], [8], [9, 9]], [2.0, 1.0, 0.0])
+    report = LengthReport()
+    assert fit_listwise(example, 7, "truncate", "f, row 1", report) is example  # 3 + 4 fits
+    cut = fit_listwise(example, 5, "truncate", "f, row 1", report)
+    assert cut.completion_ids == [[4, 5], [8], [9, 9]] and cut.labels == example.labels and report.truncated == 1
+    assert fit_listwise(example, 5, "drop", "f, row 1", report) is None and report.dropped_too_long == 1
+    with pytest.raises(DataError, match="f, row 1: 7 tokens"):
+        fit_listwise(example, 5, "error", "f, row 1", report)
+    with pytest.raises(InvalidRow, match="the prompt alone fills"):
+        fit_listwise(example, 3, "truncate", "f, row 1", report)
