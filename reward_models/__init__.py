@@ -17,6 +17,7 @@ from reward_models.registry import (
 )
 from reward_models.reward_set import (
     BatchScores,
+    Ensemble,
     RewardFailure,
     RewardIssue,
     RewardSet,
@@ -29,6 +30,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "BatchScores",
     "Column",
+    "Ensemble",
     "Reward",
     "RewardFailure",
     "RewardIssue",

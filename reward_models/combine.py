@@ -75,3 +75,57 @@ def combine(columns: Sequence[Sequence[float | None]], weights: Sequence[float],
         else:
             totals.append(total)
     return totals
+
+
+def _complete_rows(columns: Sequence[Sequence[float | None]]) -> list[int]:
+    """Rows every column scored (a None anywhere drops the row)."""
+    n = len(columns[0]) if columns else 0
+    return [i for i in range(n) if all(c[i] is not None for c in columns)]
+
+
+def ensemble_column(columns: Sequence[Sequence[float | None]], method: str = "mean", *,
+                    uwo_coef: float = 0.5) -> list[float | None]:
+    """One column from K ensemble members' columns (``posttrain.algorithms.ensemble_reward``: mean, wco, uwo),
+    per row; None where any member did not score the row."""
+    import torch
+
+    from posttrain.algorithms import ensemble_reward
+
+    rows = _complete_rows(columns)
+    out: list[float | None] = [None] * (len(columns[0]) if columns else 0)
+    if rows:
+        members = torch.tensor([[c[i] for i in rows] for c in columns], dtype=torch.float64)
+        for i, value in zip(rows, ensemble_reward(members, method, uwo_coef=uwo_coef).tolist(), strict=True):
+            out[i] = value
+    return out
+
+
+def objective_totals(columns: Sequence[Sequence[float | None]], weights: Sequence[float], method: str, *,
+                     temperature: float = 1.0, reduce_sum=None) -> list[float | None]:
+    """Totals per row from K objectives (``posttrain.algorithms.combine_objectives``), each objective its column
+    times its weight: weighted_sum gives sum_k w_k r_k, min / softmin / maxmin act on the w_k r_k. A row any
+    objective left unscored gets None. ``reduce_sum`` (a list of floats -> their sums over ranks) makes the
+    batch statistics of maxmin those of the whole step; it is called even on an empty batch (a collective)."""
+    import torch
+
+    from posttrain.algorithms import OBJECTIVE_COMBINATIONS, combine_objectives
+
+    if len(columns) != len(weights):
+        raise ValueError(f"{len(columns)} objective columns but {len(weights)} weights")
+    rows = _complete_rows(columns)
+    k = len(columns)
+    scaled = torch.tensor([[w * c[i] for c, w in zip(columns, weights, strict=True)] for i in rows],
+                          dtype=torch.float64).reshape(len(rows), k)
+    batch_means = None
+    if "batch_means" in OBJECTIVE_COMBINATIONS.needs(method):
+        sums = [float(v) for v in scaled.sum(0).tolist()] + [float(len(rows))]
+        if reduce_sum is not None:
+            sums = reduce_sum(sums)
+        batch_means = torch.tensor(sums[:k], dtype=torch.float64) / max(sums[k], 1.0)
+    out: list[float | None] = [None] * (len(columns[0]) if columns else 0)
+    if rows:
+        totals = combine_objectives(scaled, method, weights=[1.0] * k, temperature=temperature,
+                                    batch_means=batch_means)
+        for i, value in zip(rows, totals.tolist(), strict=True):
+            out[i] = value
+    return out

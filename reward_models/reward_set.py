@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from posttrain.errors import UserError
 from reward_models.calling import ISOLATIONS, Outcome, RowProblem, call, check_values
-from reward_models.combine import RULES, combine
+from reward_models.combine import RULES, combine, ensemble_column, objective_totals
 from reward_models.loading import Reward, load_reward_with_defaults
 from reward_models.types import Column
 
@@ -141,6 +141,20 @@ class BatchScores:
 
 
 @dataclass
+class Ensemble:
+    """Several rewards (e.g. ``orm`` models) reduced to one column, ``label``, that takes their place in the
+    combination with ``weight``: ``method`` mean, wco (worst case) or uwo (mean - uwo_coef * variance), per
+    sample over ``members`` (reward labels). ("Reward Model Ensembles Help Mitigate Overoptimization", Coste
+    et al., 2023.) The members' own columns are still reported."""
+
+    members: Sequence[str]
+    method: str = "mean"
+    uwo_coef: float = 0.5
+    label: str = "ensemble"
+    weight: float = 1.0
+
+
+@dataclass
 class _Entry:
     reward: Reward
     label: str
@@ -165,13 +179,17 @@ class RewardSet:
     """Weighted rewards, scored together (see the module docstring).
 
     ``rule``: ``sum``, ``mean`` or ``normalize`` (``reward_models.combine``);
-    ``on_error``: ``fail`` or ``zero``; ``timeout``: seconds per reward call (None: no limit);
+    ``ensemble``: an :class:`Ensemble` of some of the rewards, reduced to one column first;
+    ``objectives``: instead of ``rule``, combine the (weighted) rewards as objectives with a method of
+    ``posttrain.algorithms.OBJECTIVE_COMBINATIONS`` (weighted_sum, maxmin, min, softmin), ``temperature``
+    for softmin; ``on_error``: ``fail`` or ``zero``; ``timeout``: seconds per reward call (None: no limit);
     ``workers``: passed as ``workers=`` to rewards that accept it (sandbox and math pools).
     """
 
     def __init__(self, rewards: Sequence[RewardSpec | Mapping | str | Callable], *, rule: str = "sum",
                  on_error: str = "fail", timeout: float | None = DEFAULT_TIMEOUT,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, ensemble: Ensemble | None = None, objectives: str | None = None,
+                 temperature: float = 1.0) -> None:
         if rule not in RULES:
             raise UserError(f"unknown combination rule {rule!r}; expected one of {', '.join(RULES)}.")
         if on_error not in POLICIES:
@@ -199,10 +217,42 @@ class RewardSet:
         except BaseException:
             self.close()
             raise
+        self.ensemble, self.objectives, self.temperature = ensemble, objectives, temperature
+        try:
+            self._check_combination()
+        except BaseException:
+            self.close()
+            raise
         self.stats: dict[str, dict[str, int]] = {
             e.label: {"scored": 0, "skipped": 0, "failed": 0} for e in self._entries}
         self._stats_lock = threading.Lock()
         self._logged: dict[str, int] = {}
+
+    def _check_combination(self) -> None:
+        from posttrain.algorithms import ENSEMBLE_REDUCTIONS, OBJECTIVE_COMBINATIONS
+
+        labels = [e.label for e in self._entries]
+        if self.ensemble is not None:
+            members = list(self.ensemble.members)
+            unknown = [m for m in members if m not in labels]
+            if unknown:
+                raise UserError(f"ensemble member {unknown[0]!r} is not a reward of this set (labels: "
+                                f"{', '.join(labels)}).", hint="Name members by their label (default: the reward's name; "
+                                "give two orm rewards labels of their own).")
+            if len(set(members)) != len(members) or len(members) < 2:
+                raise UserError(f"an ensemble needs at least two different members, got {members}.")
+            if self.ensemble.label in labels:
+                raise UserError(f"the ensemble's label {self.ensemble.label!r} is already a reward's label.")
+            if self.ensemble.method not in ENSEMBLE_REDUCTIONS:
+                raise UserError(ENSEMBLE_REDUCTIONS.unknown_message(self.ensemble.method))
+        if self.objectives is not None:
+            if self.objectives not in OBJECTIVE_COMBINATIONS:
+                raise UserError(OBJECTIVE_COMBINATIONS.unknown_message(self.objectives))
+            if self.rule != "sum":
+                raise UserError(f"objectives ({self.objectives}) replace the combination rule; got rule "
+                                f"{self.rule!r} as well.", hint="Leave the rule at 'sum' when combining objectives.")
+            if self.temperature <= 0:
+                raise UserError(f"the softmin temperature must be positive, got {self.temperature}.")
 
     def _unique_label(self, base: str) -> str:
         taken = {e.label for e in self._entries}
@@ -230,14 +280,18 @@ class RewardSet:
     # -- scoring -------------------------------------------------------------------------------
 
     def score(self, prompts: Sequence, completions: Sequence, *, groups: Sequence[Hashable] | None = None,
-              row_ids: Sequence[int] | None = None, **columns: Sequence) -> BatchScores:
+              row_ids: Sequence[int] | None = None, reduce_sum: Callable | None = None,
+              **columns: Sequence) -> BatchScores:
         """Score a batch; ``columns`` are the dataset's extra columns (and ``completion_ids``), batched.
 
         ``groups`` (one id per sample) scopes the ``normalize`` rule; ``row_ids`` are the
-        row numbers used in issues and errors (default: 0..n-1). Safe to call from
+        row numbers used in issues and errors (default: 0..n-1); ``reduce_sum`` sums a list of floats
+        over the processes that score the other parts of the batch (batch statistics of objectives
+        such as maxmin; every process must then call ``score``). Safe to call from
         inside a running event loop (it then runs on a helper thread).
         """
-        coroutine = self.ascore(prompts, completions, groups=groups, row_ids=row_ids, **columns)
+        coroutine = self.ascore(prompts, completions, groups=groups, row_ids=row_ids, reduce_sum=reduce_sum,
+                                **columns)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -259,7 +313,7 @@ class RewardSet:
 
     async def ascore(self, prompts: Sequence, completions: Sequence, *,
                      groups: Sequence[Hashable] | None = None, row_ids: Sequence[int] | None = None,
-                     **columns: Sequence) -> BatchScores:
+                     reduce_sum: Callable | None = None, **columns: Sequence) -> BatchScores:
         """``score`` for callers that are already async."""
         n = len(prompts)
         if len(completions) != n:
@@ -285,8 +339,26 @@ class RewardSet:
         if issues and self.on_error == "fail":
             raise RewardFailure(issues[0], len(issues) - 1)
         self._log(issues)
-        totals = combine(list(scores.values()), [e.weight for e in self._entries], self.rule, groups)
+        totals = self._totals(scores, groups, reduce_sum)
         return BatchScores(totals, scores, info, issues, ids)
+
+    def _totals(self, scores: dict[str, list[float | None]], groups, reduce_sum) -> list[float | None]:
+        """Per-row totals: the ensemble (added to ``scores`` under its label) in its members' place, then the
+        rule or the objectives."""
+        parts = [(e.label, e.weight) for e in self._entries]
+        if self.ensemble is not None:
+            members = list(self.ensemble.members)
+            scores[self.ensemble.label] = ensemble_column([scores[m] for m in members], self.ensemble.method,
+                                                          uwo_coef=self.ensemble.uwo_coef)
+            first = next(i for i, (label, _) in enumerate(parts) if label in members)
+            parts = [*parts[:first], (self.ensemble.label, self.ensemble.weight),
+                     *(p for p in parts[first:] if p[0] not in members)]
+        columns = [scores[label] for label, _ in parts]
+        weights = [weight for _, weight in parts]
+        if self.objectives is not None:
+            return objective_totals(columns, weights, self.objectives, temperature=self.temperature,
+                                    reduce_sum=reduce_sum)
+        return combine(columns, weights, self.rule, groups)
 
     async def _score_one(self, entry: _Entry, prompts: list, completions: list,
                          columns: dict) -> tuple[list[float | None], list[dict], list[RowProblem]]:

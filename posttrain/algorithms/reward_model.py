@@ -248,7 +248,8 @@ def _objective_weights(rewards: Tensor, weights: Sequence[float] | Tensor | None
 
 @OBJECTIVE_COMBINATIONS.register("weighted_sum")
 def objectives_weighted_sum(
-    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
+    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0,
+    batch_means: Tensor | None = None,
 ) -> Tensor:
     """Linear scalarisation R = sum_k w_k R_k (uniform weights by default), as in multi-objective RLHF
     and the weighting MODPO folds into DPO. ("Beyond One-Preference-Fits-All Alignment:
@@ -256,22 +257,27 @@ def objectives_weighted_sum(
     return rewards @ _objective_weights(rewards, weights)
 
 
-@OBJECTIVE_COMBINATIONS.register("maxmin")
+@OBJECTIVE_COMBINATIONS.register("maxmin", needs=("batch_means",))
 def objectives_maxmin(
-    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
+    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0,
+    batch_means: Tensor | None = None,
 ) -> Tensor:
     """MaxMin-RLHF's egalitarian objective max_pi min_u E[R_u]: pick the objective (user group) with the
     lowest mean reward over the batch and return its rewards for every sample:
-    R_i = R_{u*, i} with u* = argmin_u mean_i R_{u, i}.
+    R_i = R_{u*, i} with u* = argmin_u mean_i R_{u, i}. ``batch_means`` [K] are those means when the batch
+    is larger than ``rewards`` (the step's batch over every rank); by default the means of ``rewards``.
     ("MaxMin-RLHF: Towards Equitable Alignment of Large Language Models with Diverse Human
     Preferences", 2024.)"""
-    worst = rewards.mean(0).argmin()
-    return rewards[:, worst]
+    means = rewards.mean(0) if batch_means is None else torch.as_tensor(batch_means, dtype=rewards.dtype)
+    if means.shape != (rewards.shape[-1],):
+        raise ValueError(f"{rewards.shape[-1]} objectives need {rewards.shape[-1]} batch means, got {tuple(means.shape)}")
+    return rewards[:, means.argmin()]
 
 
 @OBJECTIVE_COMBINATIONS.register("min")
 def objectives_min(
-    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
+    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0,
+    batch_means: Tensor | None = None,
 ) -> Tensor:
     """Per-sample minimum over objectives: R = min_k R_k (a per-sample form of MaxMin-RLHF's egalitarian
     objective, 2024)."""
@@ -280,7 +286,8 @@ def objectives_min(
 
 @OBJECTIVE_COMBINATIONS.register("softmin")
 def objectives_softmin(
-    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0
+    rewards: Tensor, *, weights: Sequence[float] | Tensor | None = None, temperature: float = 1.0,
+    batch_means: Tensor | None = None,
 ) -> Tensor:
     """Smooth per-sample minimum: R = -T log sum_k exp(-R_k / T) (tends to min_k R_k as T -> 0; a soft form of
     MaxMin-RLHF's egalitarian objective, 2024)."""
@@ -293,9 +300,12 @@ def combine_objectives(
     *,
     weights: Sequence[float] | Tensor | None = None,
     temperature: float = 1.0,
+    batch_means: Tensor | None = None,
 ) -> Tensor:
     """Reduce per-objective rewards [B, K] to [B] with ``method`` in ``OBJECTIVE_COMBINATIONS``
-    (weighted_sum, maxmin, min, softmin)."""
+    (weighted_sum, maxmin, min, softmin); ``batch_means`` [K] for the methods that need batch statistics
+    (maxmin), e.g. gathered over ranks."""
     if rewards.dim() != 2:
         raise ValueError(f"multi-objective rewards must be [B, K], got shape {tuple(rewards.shape)}")
-    return OBJECTIVE_COMBINATIONS.get(method)(rewards, weights=weights, temperature=temperature)
+    return OBJECTIVE_COMBINATIONS.get(method)(rewards, weights=weights, temperature=temperature,
+                                              batch_means=batch_means)

@@ -76,11 +76,15 @@ def expand_columns(rows: list[PromptRow], n: int) -> dict[str, list]:
     return {name: [r.columns.get(name) for r in rows for _ in range(n)] for name in names}
 
 
-def score_samples(reward_set, rows: list[PromptRow], batch) -> tuple[torch.Tensor, dict[str, float], Any]:
-    """Rewards [N] (NaN where every reward abstained), per-reward means, and the raw ``BatchScores``."""
+def score_samples(reward_set, rows: list[PromptRow], batch, *, collective: bool = False,
+                  ) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """Rewards [N] (NaN where every reward abstained), per-reward means, and the raw ``BatchScores``.
+    ``collective``: every rank scores its part of one step's batch, so batch statistics of the combination
+    (maxmin's objective means) are taken over all of them."""
     n = batch.n
     prompts = [rows[s.group].prompt for s in batch]
     scores = reward_set.score(prompts, [s.text for s in batch], groups=[s.group for s in batch],
+                              reduce_sum=all_reduce_sum if collective else None,
                               completion_ids=[s.completion_ids for s in batch], **expand_columns(rows, n))
     totals = torch.tensor([math.nan if t is None else float(t) for t in scores.totals], dtype=torch.float32)
     means = {}
@@ -148,6 +152,26 @@ class RolloutCorrection:
 
 
 @dataclass
+class RewardEnsemble:
+    """Several rewards (``orm`` models, usually) reduced to one per sample before they are combined
+    (``posttrain.algorithms.ensemble_reward``; "Reward Model Ensembles Help Mitigate Overoptimization", Coste
+    et al., 2023)."""
+
+    members: list[str] = doc([], "Labels of the rewards to ensemble (at least two; a reward's label defaults to its name). Empty: no ensemble.")
+    method: str = doc("mean", "mean, wco (worst case: the members' minimum) or uwo (mean - uwo_coef x variance over members).")
+    uwo_coef: float = doc(0.5, "lambda of uwo.")
+    label: str = doc("ensemble", "The ensemble's column in metrics (reward/<label>); it replaces its members in the combination.")
+    weight: float = doc(1.0, "Its weight in the combination.")
+
+    def spec(self):
+        from reward_models import Ensemble
+
+        if not self.members:
+            return None
+        return Ensemble(list(self.members), self.method, self.uwo_coef, self.label, self.weight)
+
+
+@dataclass
 class OnlineSettings:
     """Settings every online RL recipe has; a recipe's section (``grpo:``, ``ppo:``) extends it."""
 
@@ -156,6 +180,9 @@ class OnlineSettings:
     prompts_per_step: int = doc(8, "Prompts per rollout step (over all ranks); each gets rollout.n samples.")
     rewards: list[dict] = doc([{"name": "math_verify"}], "Rewards: [{name, weight, args}], by registry name, 'pkg.mod:fn' or './file.py:fn'.")
     reward_rule: Literal["sum", "mean", "normalize"] = doc("sum", "How weighted rewards combine (docs/rewards.md).")
+    reward_ensemble: RewardEnsemble = doc(RewardEnsemble, "Reduce several rewards (e.g. orm models) to one: {members: [labels], method: mean | wco | uwo} (docs/rewards.md).")
+    reward_objectives: str | None = doc(None, "Combine the rewards as objectives instead of reward_rule: weighted_sum, maxmin (MaxMin-RLHF: the objective with the lowest mean over the step's batch), min or softmin, each objective its reward times its weight (docs/rewards.md).")
+    reward_softmin_temperature: float = doc(1.0, "Temperature T of reward_objectives: softmin, -T log sum_k exp(-r_k / T).")
     reward_on_error: Literal["fail", "zero"] = doc("fail", "A reward that raises, hangs or returns NaN: stop with an error naming it and the row, or score 0 and count it.")
     reward_timeout: float = doc(120.0, "Seconds one reward call may take.")
     max_prompt_length: int = doc(256, "Longest prompt in tokens; longer ones follow data.overlong (drop or error).")
@@ -208,7 +235,8 @@ def build_rewards(settings: OnlineSettings):
 
     specs = [RewardSpec.from_dict(item, f"{settings.section}.rewards[{i}]") for i, item in enumerate(settings.rewards)]
     return RewardSet(specs, rule=settings.reward_rule, on_error=settings.reward_on_error,
-                     timeout=settings.reward_timeout)
+                     timeout=settings.reward_timeout, ensemble=settings.reward_ensemble.spec(),
+                     objectives=settings.reward_objectives, temperature=settings.reward_softmin_temperature)
 
 
 def preflight(cfg, settings: OnlineSettings, plan: dict[str, int]) -> str:
@@ -333,12 +361,12 @@ class OnlineRollouts:
         sampled the step: ReMax's baseline. NaN where no reward scored it."""
         batch = self.engine.generate([r.prompt for r in rows], n=1, temperature=0.0)
         self.engine.sleep()
-        rewards, _, _ = score_samples(self.rewards, rows, batch)
+        rewards, _, _ = score_samples(self.rewards, rows, batch, collective=True)
         return rewards
 
     def score(self, rows: list[PromptRow], batch) -> tuple[torch.Tensor, Any]:
         """Rewards [N] (NaN: unscored) and the raw ``BatchScores``; failures follow ``reward_on_error``."""
-        rewards, _, scores = score_samples(self.rewards, rows, batch)
+        rewards, _, scores = score_samples(self.rewards, rows, batch, collective=True)
         return rewards, scores
 
     def sync(self, learner):
