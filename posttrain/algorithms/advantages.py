@@ -7,7 +7,7 @@ registered in ``ADVANTAGE_ESTIMATORS`` and called through :func:`group_advantage
 A NaN reward means "could not be scored": it is left out of every statistic and
 its advantage is 0 (as TRL does for completions no reward function scored).
 
-Token-level estimators (GAE, REINFORCE++ returns) take per-token rewards and a
+Token-level estimators (GAE, T-PPO's extended GAE, REINFORCE++ returns) take per-token rewards and a
 mask [B, T] and are registered in ``TOKEN_ADVANTAGE_ESTIMATORS``.
 """
 
@@ -212,7 +212,7 @@ def group_advantages(estimator: str, rewards: Tensor, group_size: int, **kwargs:
         return fn(rewards.detach(), group_size, **kwargs)
 
 
-@TOKEN_ADVANTAGE_ESTIMATORS.register("gae")
+@TOKEN_ADVANTAGE_ESTIMATORS.register("gae", needs=("values",))
 def gae_advantages(
     token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[Tensor, Tensor]:
@@ -243,6 +243,55 @@ def gae_advantages(
     return out, returns
 
 
+@TOKEN_ADVANTAGE_ESTIMATORS.register("egae", needs=("values", "truncated", "bootstrap_values"))
+def egae_advantages(
+    token_rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    truncated: Tensor,
+    bootstrap_values: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Extended GAE (EGAE) of T-PPO, returning (advantages, returns), both [B, T]: GAE on responses that may
+    be incomplete, i.e. cut by the generation window before they finished.
+
+        delta_t = r_t + gamma * V_{t'} - V_t,   A_t = delta_t + gamma * lam * A_{t'},   R_t = A_t + V_t
+
+    with t' the next masked-in position, as in :func:`gae_advantages`, except after the last one: there
+    V = ``bootstrap_values[i]`` (V(s_T), the critic's value of the state after the last generated token) for
+    a row with ``truncated[i]`` set, and V = 0 (a terminal state) for a finished row. So for an incomplete
+    response of T tokens, A_t = sum_{k=0}^{T-t-1} (gamma lam)^k delta_{t+k} with
+    delta_{T-1} = r_{T-1} + gamma V(s_T) - V(s_{T-1}): the cut is not treated as the end of the episode and
+    the policy learns from the partial response. With no row truncated this is exactly GAE.
+
+    ``truncated`` [B] bool; ``bootstrap_values`` [B] (read only where ``truncated``). Not whitened.
+    ("Truncated Proximal Policy Optimization", Fan et al., 2025, arXiv:2506.15050, section 3.)"""
+    if not (token_rewards.shape == values.shape == mask.shape):
+        raise ValueError("token_rewards, values and mask must have the same shape [B, T]")
+    rows = values.shape[0]
+    if truncated.shape != (rows,) or bootstrap_values.shape != (rows,):
+        raise ValueError(f"truncated and bootstrap_values must have shape [B] = ({rows},), got "
+                         f"{tuple(truncated.shape)} and {tuple(bootstrap_values.shape)}")
+    m = mask.bool()
+    rewards = masked_fill_zero(token_rewards, m).detach()
+    vals = masked_fill_zero(values, m).detach()
+    cut = truncated.to(device=vals.device, dtype=torch.bool)
+    boot = bootstrap_values.detach().to(device=vals.device, dtype=vals.dtype)
+    next_value = torch.where(cut, boot, torch.zeros_like(boot))  # V after the last token: V(s_T) or terminal 0
+    next_adv = torch.zeros_like(vals[:, 0])
+    out = torch.zeros_like(vals)
+    for t in range(vals.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - vals[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        on = m[:, t]
+        next_value = torch.where(on, vals[:, t], next_value)
+        next_adv = torch.where(on, adv_t, next_adv)
+        out[:, t] = torch.where(on, adv_t, torch.zeros_like(adv_t))
+    return out, masked_fill_zero(out + vals, m)
+
+
 @TOKEN_ADVANTAGE_ESTIMATORS.register("discounted_returns")
 def discounted_returns(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0) -> Tensor:
     """G_t = sum_{k >= t} gamma^(k - t) r_k over masked-in positions (masked-out positions are skipped).
@@ -259,16 +308,18 @@ def discounted_returns(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.
     return out
 
 
-@TOKEN_ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@TOKEN_ADVANTAGE_ESTIMATORS.register("reinforce_pp", needs=("batch_stats",))
 def reinforce_pp_advantages(
-    token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8
+    token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8,
+    mean: float | Tensor | None = None, var: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++: returns G_t (token rewards usually hold -coef * KL_t plus the outcome reward on the
     last token, see :func:`kl_penalized_rewards`), whitened over all tokens of the batch:
-    A_t = (G_t - mean) / sqrt(var + eps). Returns (advantages, returns).
+    A_t = (G_t - mean) / sqrt(var + eps). Returns (advantages, returns). ``mean`` / ``var`` replace the
+    statistics of this batch, e.g. with those of the step's batch over every rank.
     ("REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both Prompt and Reward Models", 2025.)"""
     returns = discounted_returns(token_rewards, mask, gamma=gamma)
-    return masked_whiten(returns, mask, eps=eps), returns
+    return masked_whiten(returns, mask, eps=eps, mean=mean, var=var), returns
 
 
 def broadcast_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
@@ -287,6 +338,7 @@ __all__ = [
     "broadcast_advantages",
     "discounted_returns",
     "dr_grpo_advantages",
+    "egae_advantages",
     "gae_advantages",
     "group_advantages",
     "group_reward_std",

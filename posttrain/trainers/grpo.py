@@ -66,7 +66,7 @@ class GRPOSettings(OnlineSettings):
     section: ClassVar[str] = "grpo"
 
     epochs: int = doc(1, "Optimisation passes over each rollout batch.")
-    estimator: str = doc("grpo", "Advantage estimator (see docs/algorithms.md): grpo, dr_grpo, rloo, bnpo, ...")
+    estimator: str = doc("grpo", "Advantage estimator (see docs/algorithms.md): per sequence grpo, dr_grpo, rloo, bnpo, ...; or per token reinforce_pp (REINFORCE++: returns of the token rewards, whitened over the step's batch) or discounted_returns (the reward placed on the last token, minus the per-token KL with kl_in: reward).")
     estimator_args: dict = doc({}, "Options of the estimator, e.g. {scale: batch} for GRPO.")
     policy_loss: str = doc("ppo", "Policy loss: ppo, gspo, cispo, clip_cov, kl_cov.")
     policy_loss_args: dict = doc({"clip_low": 0.2, "clip_high": 0.2}, "Options of the policy loss (clip ranges, dual_clip, ...).")
@@ -92,14 +92,33 @@ class GRPOSettings(OnlineSettings):
                               "tis_cap is the short form of rollout_correction: {level: token, mode: truncate, "
                               "clip_max: CAP}. Keep one.")
         self.correction().check("grpo.tis_cap", source)
-        for registry, name, key in ((algorithms.ADVANTAGE_ESTIMATORS, self.estimator, "estimator"),
+        if self.token_level:
+            if "values" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(self.estimator):
+                raise ConfigError(f"grpo.estimator: {self.estimator} in {source} needs a critic's values, which GRPO "
+                                  "does not train.", hint="Use trainer: ppo (recipes/ppo.yaml) for GAE.")
+            check_options(algorithms.TOKEN_ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args,
+                          "grpo.estimator_args", source, supplied=("token_rewards", "mask", "mean", "var"))
+            estimators = algorithms.TOKEN_ADVANTAGE_ESTIMATORS
+        else:
+            estimators = algorithms.ADVANTAGE_ESTIMATORS
+        for registry, name, key in ((estimators, self.estimator, "estimator"),
                                     (algorithms.POLICY_LOSSES, self.policy_loss, "policy_loss"),
                                     (algorithms.LOSS_AGGREGATIONS, self.loss_agg, "loss_agg"),
                                     (algorithms.KL_ESTIMATORS, self.kl_estimator, "kl_estimator")):
             if name not in registry:
                 raise ConfigError(f"grpo.{key} in {source}: {registry.unknown_message(name)}")
-        check_options(algorithms.ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args, "grpo.estimator_args",
-                      source, supplied=("rewards", "group_size"))
+        if not self.token_level:
+            check_options(algorithms.ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args,
+                          "grpo.estimator_args", source, supplied=("rewards", "group_size"))
+
+    @property
+    def token_level(self) -> bool:
+        """Whether ``estimator`` names a token-level estimator (advantages [B, T]) rather than a sequence one."""
+        return self.estimator in algorithms.TOKEN_ADVANTAGE_ESTIMATORS
+
+    def estimator_needs(self) -> frozenset[str]:
+        registry = algorithms.TOKEN_ADVANTAGE_ESTIMATORS if self.token_level else algorithms.ADVANTAGE_ESTIMATORS
+        return registry.needs(self.estimator)
 
 
 def check_options(registry, name: str, options: dict, key: str, source: str, *, supplied: tuple[str, ...]) -> None:
@@ -164,7 +183,7 @@ def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
 
 def preflight(cfg: Config, world_size: int, source: str) -> str:
     learners = cfg.rollout.learner_ranks(world_size, source)  # disaggregated: the rollout ranks do not train
-    if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(cfg.grpo.estimator) \
+    if "baseline_rewards" in cfg.grpo.estimator_needs() \
             and cfg.rollout.schedule != "sync":
         raise ConfigError(f"grpo.estimator: {cfg.grpo.estimator} in {source} needs the greedy completion of the "
                           f"policy that sampled the step, which rollout.schedule: {cfg.rollout.schedule} does not "
@@ -257,7 +276,7 @@ class Recipe:
             timings["generate"] = time.perf_counter() - t0 - timings["reward"]
         task_rewards = rewards
         baseline_rewards = None
-        if "baseline_rewards" in algorithms.ADVANTAGE_ESTIMATORS.needs(g.estimator):  # ReMax: greedy baseline
+        if "baseline_rewards" in g.estimator_needs():  # ReMax: greedy baseline
             started = time.perf_counter()
             baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
             timings["generate"] += time.perf_counter() - started
@@ -278,10 +297,15 @@ class Recipe:
             reward_kl = all_reduce_sum([float(penalty.sum()), float(len(penalty))])  # logged as `kl`
         # SPO: the step's prompt keys over every rank, in the one-process order (for its advantages and tracker)
         keys = all_gather_objects(self._keys(rows, n)) if self.spo is not None else None
-        advantages = self._advantages(rewards, n, mask, baseline_rewards, keys)
+        if g.token_level:
+            advantages = self._token_advantages(task_rewards, old_logprobs, ref_logprobs, mask)
+        else:
+            advantages = self._advantages(rewards, n, mask, baseline_rewards, keys)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if g.dynamic_sampling:
             keep = algorithms.dynamic_sampling_mask(task_rewards, n)  # before any KL in the reward
+        if g.pf_ppo != "off":  # advantages come from the whole group; only the filtered samples train
+            keep &= online.policy_filtration_keep(g.pf_ppo, task_rewards, n, seed=cfg.seed, step=step)
         loss_mask = mask * keep[:, None].float()
         weights, tis_metrics = None, {}
         if g.correction().enabled:
@@ -363,6 +387,31 @@ class Recipe:
         first = self.dist.rank * rewards.shape[0]
         return advantages[first : first + rewards.shape[0]]
 
+    def _token_advantages(self, rewards: torch.Tensor, old_logprobs, ref_logprobs, mask: torch.Tensor) -> torch.Tensor:
+        """Token-level advantages [B, T] (``TOKEN_ADVANTAGE_ESTIMATORS``): the sequence reward on the last
+        completion token, minus kl_coef x the per-token KL with ``kl_in: reward`` (as REINFORCE++ and PPO place
+        it), through the estimator; batch statistics (REINFORCE++'s whitening) are those of the step's batch over
+        every rank. Unscored samples get no advantage."""
+        from posttrain.trainers.ppo import global_moments
+
+        g = self.cfg.grpo
+        scored = mask * torch.isfinite(rewards)[:, None].float()
+        outcome = torch.nan_to_num(rewards, nan=0.0)
+        if g.kl_coef and g.kl_in == "reward":
+            token_rewards = algorithms.kl_penalized_rewards(outcome, old_logprobs, ref_logprobs, scored,
+                                                            coef=g.kl_coef, kind=g.kl_estimator)
+        else:
+            zeros = torch.zeros_like(mask)
+            token_rewards = algorithms.kl_penalized_rewards(outcome, zeros, zeros, scored, coef=0.0)
+        kwargs = dict(g.estimator_args)
+        if "batch_stats" in g.estimator_needs():  # whiten with the statistics of the whole step
+            returns = algorithms.discounted_returns(token_rewards, scored, gamma=kwargs.get("gamma", 1.0))
+            stats = global_moments(returns, scored)
+            kwargs.update(mean=stats["mean"], var=stats["var"])
+        out = algorithms.TOKEN_ADVANTAGE_ESTIMATORS.get(g.estimator)(token_rewards, scored, **kwargs)
+        advantages = out[0] if isinstance(out, tuple) else out
+        return advantages * scored
+
     @staticmethod
     def _keys(rows: list[PromptRow], n: int) -> list[str]:
         return [r.where for r in rows for _ in range(n)]
@@ -400,7 +449,7 @@ class Recipe:
         local = tensors["input_ids"].shape[0]
         per_mini = local // self.plan["mini_batches"]
         divisor = self.plan["grad_accum"] * dist.world_size
-        token_adv = advantages[:, None].expand_as(loss_mask).nan_to_num(0.0)
+        token_adv = (advantages if advantages.dim() == 2 else advantages[:, None].expand_as(loss_mask)).nan_to_num(0.0)
         sums = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "clip_tokens": 0.0, "nonfinite": 0.0}
         updates = 0
         # single pass: the update's own log-probs stand in for the old ones (and give the drift metrics)

@@ -28,7 +28,7 @@ from posttrain.data.loading import Row
 from posttrain.data.pipeline import load_examples
 from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import LengthReport, render_chat
-from posttrain.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from posttrain.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
 from posttrain.errors import DataError
 from posttrain.faults import maybe_kill, maybe_poison_loss
 from posttrain.learner.packing import forward_logits
@@ -191,6 +191,7 @@ class OnlineSettings:
     sync_bucket_mb: int = doc(256, "Weight-sync bucket size in MiB (bounds the extra memory of a sync).")
     padding_free: bool = doc(True, "Pack each micro-batch's sequences into fewer rows for the learner's forward passes (policy, reference, critic) instead of padding them to the longest; same outputs, less compute when lengths vary (docs/rl.md).")
 
+    pf_ppo: Literal["off", "best_of_n", "best_random", "best_worst"] = doc("off", "PF-PPO policy filtration: train only on the samples of each prompt whose rewards are most reliable: best_worst (its highest and lowest reward), best_random (the highest and one other at random) or best_of_n (the highest); the others stay out of the loss (filtered_share). Needs rollout.n >= 2 (docs/rl.md).")
     rollout_correction: RolloutCorrection = doc(RolloutCorrection, "Importance correction between the sampler's and the learner's log-probs (docs/rl.md).")
 
     def validate(self, source: str) -> None:
@@ -199,6 +200,20 @@ class OnlineSettings:
             raise ConfigError(f"{self.section}.rewards in {source} is empty; name at least one reward.")
         if self.prompts_per_step < 1:
             raise ConfigError(f"{self.section}.prompts_per_step in {source} must be at least 1, got {self.prompts_per_step}.")
+
+
+def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed: int, step: int) -> torch.Tensor:
+    """This rank's PF-PPO keep mask [B] (``posttrain.algorithms.pf_ppo_filter``), drawn on the step's batch
+    gathered from every rank with a generator seeded by the run seed and the step, so 1 and N processes keep
+    the same samples. ``rewards`` [B]: this rank's rewards, group-major with ``n`` per prompt. (PF-PPO,
+    "Policy Filtration in RLHF to Fine-Tune LLM for Code Generation", Shen et al., 2024.)"""
+    from posttrain.algorithms import pf_ppo_filter
+
+    everyone = all_gather_rows(rewards)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    keep = pf_ppo_filter(everyone, n, strategy=strategy, generator=generator)
+    first = (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) * rewards.shape[0]
+    return keep[first : first + rewards.shape[0]]
 
 
 def batch_plan(settings: OnlineSettings, *, n: int, epochs: int, train: TrainConfig, world_size: int,

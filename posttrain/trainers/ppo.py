@@ -327,6 +327,10 @@ class Recipe:
         mask = tensors["completion_mask"].float()
         # A sample no reward scored carries no signal: it is left out of the losses (counted in reward/unscored).
         loss_mask = mask * torch.isfinite(scores)[:, None].float()
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if p.pf_ppo != "off":  # PF-PPO: only the most reliably rewarded samples of each prompt train
+            keep = online.policy_filtration_keep(p.pf_ppo, scores, cfg.rollout.n, seed=cfg.seed, step=step)
+            loss_mask = loss_mask * keep[:, None].float()
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
                                                                  cfg.train.micro_batch_size, temperature,
                                                                  padding_free=p.padding_free)
@@ -364,6 +368,8 @@ class Recipe:
         metrics = online.rollout_metrics(batch, scores, raw_scores, drift, sync, timings,
                                          verifier=self.rollouts.verifier)
         metrics["staleness"] = float(self.rollouts.staleness)
+        dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
+        metrics["filtered_share"] = dropped / max(count, 1.0)
         seq_kl = algorithms.masked_sum(token_kl, loss_mask, dim=-1)
         scored = loss_mask.sum(-1) > 0
         kl_sum, shaped_sum, seqs = all_reduce_sum([float(seq_kl[scored].sum()), float(shaped[scored].sum()),

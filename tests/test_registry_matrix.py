@@ -1,0 +1,142 @@
+"""The registry matrix: every name a recipe can select runs 2 steps of its trainer on the tiny model in one
+process; every name that uses batch statistics also runs on 2 processes and must match one process for the same
+global batch and seed. (The advantage estimators have their own matrix in tests/test_grpo_estimators.py, the
+ranking losses in tests/test_listwise_rm.py.) A name that cannot run says why in its test id."""
+
+from __future__ import annotations
+
+import math
+from typing import get_args, get_type_hints
+
+import pytest
+
+from posttrain import algorithms
+from posttrain.trainers.online import OnlineSettings
+from tests.conftest import read_metrics, run_cli
+from tests.test_dpo import RECIPE as DPO_RECIPE
+from tests.test_dpo import dpo_args, pairs  # noqa: F401 - pytest fixture
+from tests.test_grpo import RECIPE as GRPO_RECIPE
+from tests.test_grpo import grpo_args
+from tests.test_ppo import RECIPE as PPO_RECIPE
+from tests.test_ppo import ppo_args
+
+# Two rewards that disagree: a length-based one and a count of digits, on different scales.
+TWO_REWARDS = '''
+def by_length(prompts, completions, **kw):
+    return [(len(c) % 5) / 4 for c in completions]
+
+def by_digits(prompts, completions, **kw):
+    return [sum(ch.isdigit() for ch in c) / 4 for c in completions]
+'''
+
+
+def _two_rewards(tmp_path) -> str:
+    (tmp_path / "two.py").write_text(TWO_REWARDS)
+    return (f"grpo.rewards=[{{name: '{tmp_path}/two.py:by_length', label: a}}, "
+            f"{{name: '{tmp_path}/two.py:by_digits', label: b, weight: 0.5}}]")
+
+
+def _steps(out) -> list[dict]:
+    return [r for r in read_metrics(out) if "reward/mean" in r]
+
+
+# (registry, name) -> the GRPO settings that select it; batch_stats marks the ones that need 2 processes too.
+GRPO_RUNS: list[tuple[str, list[str], bool]] = (
+    [(f"policy_loss={n}", [f"grpo.policy_loss={n}", "grpo.epochs=2"], False) for n in algorithms.POLICY_LOSSES]
+    + [(f"loss_agg={n}", [f"grpo.loss_agg={n}"], False) for n in algorithms.LOSS_AGGREGATIONS]
+    + [(f"kl_estimator={n}", [f"grpo.kl_estimator={n}", "grpo.kl_coef=0.1"], False) for n in algorithms.KL_ESTIMATORS]
+    + [(f"reward_objectives={n}", [f"grpo.reward_objectives={n}", "REWARDS"],
+        "batch_means" in algorithms.OBJECTIVE_COMBINATIONS.needs(n)) for n in algorithms.OBJECTIVE_COMBINATIONS]
+    + [(f"reward_ensemble={n}", [f"grpo.reward_ensemble={{members: [a, b], method: {n}}}", "REWARDS"], False)
+       for n in algorithms.ENSEMBLE_REDUCTIONS]
+    # best_random draws its second sample: the draw must be the same on 1 and 2 processes
+    + [(f"pf_ppo={n}", [f"grpo.pf_ppo={n}"], n == "best_random")
+       for n in get_args(get_type_hints(OnlineSettings)["pf_ppo"]) if n != "off"]
+    + [(f"token_estimator={n}", [f"grpo.estimator={n}", "grpo.kl_coef=0.1", "grpo.kl_in=reward"],
+        "batch_stats" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(n))
+       for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS if "values" not in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(n)]
+)
+
+
+def _id(name: str, batch_stats: bool) -> str:
+    return f"{name}-1-and-2-processes" if batch_stats else f"{name}-1-process-no-batch-statistics"
+
+
+def test_the_grpo_matrix_covers_every_registry_name():
+    selected = {run[0] for run in GRPO_RUNS}
+    for prefix, registry in (("policy_loss", algorithms.POLICY_LOSSES), ("loss_agg", algorithms.LOSS_AGGREGATIONS),
+                             ("kl_estimator", algorithms.KL_ESTIMATORS),
+                             ("reward_objectives", algorithms.OBJECTIVE_COMBINATIONS),
+                             ("reward_ensemble", algorithms.ENSEMBLE_REDUCTIONS)):
+        assert {f"{prefix}={n}" for n in registry} <= selected
+    # gae needs a critic: GRPO rejects it before launch (test_gae_is_rejected_in_grpo), PPO runs it
+    assert {f"token_estimator={n}" for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS} - selected == {"token_estimator=gae"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings,batch_stats", [(s, b) for _, s, b in GRPO_RUNS],
+                         ids=[_id(n, b) for n, _, b in GRPO_RUNS])
+def test_every_grpo_name_trains(settings, batch_stats, tiny_model, arithmetic_data, tmp_path):
+    settings = [_two_rewards(tmp_path) if s == "REWARDS" else s for s in settings]
+    if not any(s.startswith("grpo.rewards=") for s in settings):
+        settings = [_two_rewards(tmp_path), *settings]
+    common = grpo_args(tiny_model, arithmetic_data, tmp_path / "x", "train.micro_batch_size=4",
+                       "train.global_batch_size=16", "learner.lr=1e-3", *settings)
+    one = run_cli("run", GRPO_RECIPE, *common, f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = _steps(tmp_path / "one")
+    assert len(a) == 2 and all(math.isfinite(r["loss"]) for r in a)
+    assert a[0]["reward/a"] >= 0 and a[0]["reward/b"] >= 0  # both rewards scored every step
+    if not batch_stats:
+        return
+    two = run_cli("run", GRPO_RECIPE, "--nproc", "2", *common, f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for x, y in zip(a, _steps(tmp_path / "two"), strict=True):
+        assert x["reward/mean"] == pytest.approx(y["reward/mean"], abs=1e-6)
+        assert x["filtered_share"] == pytest.approx(y["filtered_share"], abs=1e-9)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+def test_gae_is_rejected_in_grpo(tiny_model, arithmetic_data, tmp_path):
+    result = run_cli("run", GRPO_RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "o", "grpo.estimator=gae"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "needs a critic" in result.stderr and "trainer: ppo" in result.stderr
+
+
+# PPO: the KL estimators of its per-token penalty, PF-PPO and the combinations of its rewards.
+PPO_RUNS = ([(f"kl_estimator={n}", [f"ppo.kl_estimator={n}"]) for n in algorithms.KL_ESTIMATORS]
+            + [(f"loss_agg={n}", [f"ppo.loss_agg={n}"]) for n in algorithms.LOSS_AGGREGATIONS]
+            + [("pf_ppo=best_worst", ["ppo.pf_ppo=best_worst", "rollout.n=4", "train.global_batch_size=8"]),
+               ("reward_objectives=maxmin", ["ppo.reward_objectives=maxmin"]),
+               ("reward_ensemble=wco", ["ppo.reward_ensemble={members: [varied, math_verify], method: wco}"])])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [s for _, s in PPO_RUNS], ids=[n for n, _ in PPO_RUNS])
+def test_every_ppo_name_trains(settings, tiny_model, arithmetic_data, tmp_path):
+    from tests.test_ppo import REWARDS
+
+    (tmp_path / "r.py").write_text(REWARDS)
+    args = ppo_args(tiny_model, arithmetic_data, tmp_path / "run", tmp_path / "r.py", "train.max_steps=2", *settings)
+    result = run_cli("run", PPO_RECIPE, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = _steps(tmp_path / "run")
+    assert len(steps) == 2 and all(math.isfinite(r["policy_loss"]) for r in steps)
+
+
+# DPO: every preference loss; the ones that need more than pairs say what.
+NEEDS_OTHER_DATA = {
+    "kto": "unpaired data: trainer kto (tests/test_kto.py)",
+    "aot_unpaired": "unpaired data: trainer kto (tests/test_kto.py)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", [n for n in algorithms.PREFERENCE_LOSSES if n not in NEEDS_OTHER_DATA])
+def test_every_preference_loss_trains(loss, tiny_model, pairs, tmp_path):  # noqa: F811 - fixture
+    result = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "run", f"dpo.loss_type=[{loss}]",
+                                                  "train.max_steps=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r and "step" in r]
+    assert [r["step"] for r in records][:2] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
