@@ -58,6 +58,10 @@ GRPO_RUNS: list[tuple[str, list[str], bool]] = (
 )
 
 
+CRITIC_ESTIMATORS = [n for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS
+                     if "values" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(n)]
+
+
 def _id(name: str, batch_stats: bool) -> str:
     return f"{name}-1-and-2-processes" if batch_stats else f"{name}-1-process-no-batch-statistics"
 
@@ -69,8 +73,10 @@ def test_the_grpo_matrix_covers_every_registry_name():
                              ("reward_objectives", algorithms.OBJECTIVE_COMBINATIONS),
                              ("reward_ensemble", algorithms.ENSEMBLE_REDUCTIONS)):
         assert {f"{prefix}={n}" for n in registry} <= selected
-    # gae needs a critic: GRPO rejects it before launch (test_gae_is_rejected_in_grpo), PPO runs it
-    assert {f"token_estimator={n}" for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS} - selected == {"token_estimator=gae"}
+    # gae and egae need a critic: GRPO rejects them before launch (test_critic_estimators_are_rejected_in_grpo)
+    assert {f"token_estimator={n}" for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS} - selected == {
+        f"token_estimator={n}" for n in CRITIC_ESTIMATORS}
+    assert "gae" in CRITIC_ESTIMATORS
 
 
 @pytest.mark.slow
@@ -98,8 +104,9 @@ def test_every_grpo_name_trains(settings, batch_stats, tiny_model, arithmetic_da
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
 
 
-def test_gae_is_rejected_in_grpo(tiny_model, arithmetic_data, tmp_path):
-    result = run_cli("run", GRPO_RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "o", "grpo.estimator=gae"))
+@pytest.mark.parametrize("name", CRITIC_ESTIMATORS)
+def test_critic_estimators_are_rejected_in_grpo(name, tiny_model, arithmetic_data, tmp_path):
+    result = run_cli("run", GRPO_RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "o", f"grpo.estimator={name}"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "needs a critic" in result.stderr and "trainer: ppo" in result.stderr
 

@@ -9,7 +9,7 @@ registry                       entry point
 =============================  ==========================================================
 ``PREFERENCE_LOSSES``          :func:`preference_loss` (+ :func:`preference_rewards`)
 ``ADVANTAGE_ESTIMATORS``       :func:`group_advantages`
-``TOKEN_ADVANTAGE_ESTIMATORS`` :func:`gae_advantages`, :func:`reinforce_pp_advantages`, ...
+``TOKEN_ADVANTAGE_ESTIMATORS`` :func:`gae_advantages`, :func:`egae_advantages`, :func:`reinforce_pp_advantages`, ...
 ``POLICY_LOSSES``              :func:`compute_policy_loss`
 ``LOSS_AGGREGATIONS``          :func:`aggregate_loss`
 ``KL_ESTIMATORS``              :func:`kl_estimate`
@@ -28,6 +28,7 @@ from posttrain.algorithms.advantages import (
     broadcast_advantages,
     discounted_returns,
     dr_grpo_advantages,
+    egae_advantages,
     gae_advantages,
     group_advantages,
     group_reward_std,
@@ -145,6 +146,7 @@ __all__ = [
     "discounted_returns",
     "dr_grpo_advantages",
     "dynamic_sampling_mask",
+    "egae_advantages",
     "ensemble_reward",
     "entropy_bonus",
     "entropy_from_logits",

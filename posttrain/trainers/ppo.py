@@ -95,6 +95,46 @@ class CriticSettings:
 
 
 @dataclass
+class TruncatedSettings:
+    """T-PPO ("Truncated Proximal Policy Optimization", Fan et al., 2025, arXiv:2506.15050): generation is capped
+    at a window of ``window`` tokens; a response the window cut (finish_reason "length") is incomplete. Its
+    advantages come from extended GAE (``posttrain.algorithms.egae_advantages``), which bootstraps from the
+    critic's value of the last generated state instead of treating the cut as terminal; it earns no outcome
+    reward (the score exists only at completion) and stays out of the value loss, which trains on finished
+    responses alone, towards their lambda-``value_lam`` returns. Incomplete responses are not continued in a later
+    step (the paper's successive batching): docs/rl.md."""
+
+    enabled: bool = doc(False, "Train with T-PPO: generate within ppo.truncated.window tokens, extended GAE on the "
+                        "incomplete responses, the value loss on finished ones only (docs/rl.md).")
+    window: int | None = doc(None, "The generation window in tokens (at most rollout.max_tokens); a response not "
+                             "finished within it is incomplete. null: rollout.max_tokens.")
+    value_lam: float | None = doc(1.0, "Lambda of the critic's targets on finished responses: 1 gives Monte Carlo "
+                                  "returns, unbiased, as T-PPO trains its value model (decoupled from the policy's "
+                                  "ppo.lam); null: ppo.lam.")
+
+    def validate(self, source: str) -> None:
+        if not self.enabled and self.window is not None:
+            raise ConfigError(f"ppo.truncated.window is set in {source} but ppo.truncated.enabled is false.",
+                              hint="Set ppo.truncated.enabled=true to train with T-PPO, or remove the window.")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"ppo.truncated.window in {source} must be at least 1 or null, got {self.window}.")
+        if self.value_lam is not None and not 0 <= self.value_lam <= 1:
+            raise ConfigError(f"ppo.truncated.value_lam in {source} must be in [0, 1] or null, got {self.value_lam}.")
+
+    def check_window(self, max_tokens: int, source: str) -> None:
+        """The window may not exceed ``rollout.max_tokens``, the longest response the run allows."""
+        if self.enabled and self.window is not None and self.window > max_tokens:
+            raise ConfigError(f"ppo.truncated.window ({self.window}) in {source} is larger than rollout.max_tokens "
+                              f"({max_tokens}).", hint="Lower the window, or raise rollout.max_tokens.")
+
+    def generation_cap(self, max_tokens: int) -> int | None:
+        """The completion-length cap of the training rollouts: the window when enabled, else None (no cap)."""
+        if not self.enabled:
+            return None
+        return max_tokens if self.window is None else self.window
+
+
+@dataclass
 class PPOSettings(OnlineSettings):
     section: ClassVar[str] = "ppo"
 
@@ -115,6 +155,8 @@ class PPOSettings(OnlineSettings):
     save_batches: bool = doc(False, "Write each step's per-token tensors (scores, KL, values, rewards, advantages, "
                              "returns, masks) to <output_dir>/batches/ for inspection.")
     critic: CriticSettings = doc(CriticSettings, "The value model.")
+    truncated: TruncatedSettings = doc(TruncatedSettings, "T-PPO: a generation window, extended GAE on incomplete "
+                                       "responses, the value loss on finished ones (docs/rl.md).")
 
     def validate(self, source: str) -> None:
         super().validate(source)
@@ -143,6 +185,10 @@ class Config(RecipeConfig):
                                                                          enforce_eager=True),
                                    metadata={"help": "vLLM sampling and engine settings (rollout.n samples per prompt)."})
     ppo: PPOSettings = field(default_factory=PPOSettings, metadata={"help": "PPO settings."})
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        self.ppo.truncated.check_window(self.rollout.max_tokens, source)
 
 
 def batch_plan(cfg: Config, world_size: int, source: str) -> dict[str, int]:
@@ -218,6 +264,18 @@ def token_values(logits: torch.Tensor, completion_mask: torch.Tensor) -> torch.T
     v = logits[..., 0].float()
     shifted = torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
     return torch.where(completion_mask.bool(), shifted, torch.zeros_like(shifted))
+
+
+def final_state_values(logits: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_T) per row, ``[B]``: the value head's output at the last completion token, i.e. the value of the
+    state after the whole (possibly cut) response -- the bootstrap of extended GAE (T-PPO). 0 for a row with no
+    completion token. ``completion_mask`` marks a contiguous run of tokens per row (right-padded batches)."""
+    v = logits[..., 0].float()
+    on = completion_mask.bool()
+    positions = torch.arange(on.shape[1], device=on.device).expand_as(on)
+    last = torch.where(on, positions, torch.full_like(positions, -1)).max(dim=1).values
+    picked = v.gather(1, last.clamp(min=0)[:, None])[:, 0]
+    return torch.where(last >= 0, picked, torch.zeros_like(picked))
 
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

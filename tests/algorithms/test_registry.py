@@ -32,7 +32,7 @@ EXPECTED = {
         "reinforce",
         "spo",
     },
-    "TOKEN_ADVANTAGE_ESTIMATORS": {"gae", "discounted_returns", "reinforce_pp"},
+    "TOKEN_ADVANTAGE_ESTIMATORS": {"gae", "egae", "discounted_returns", "reinforce_pp"},
     "PREFERENCE_LOSSES": {
         "sigmoid",
         "cdpo",
