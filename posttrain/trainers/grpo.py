@@ -54,6 +54,7 @@ from posttrain.rollout.layout import check_layout
 from posttrain.rollout.logprobs import drift_stats
 from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
+from posttrain.trainers.hapo import HAPOSettings, HAPOShaping
 from posttrain.trainers.harness import RunHarness, run_identity
 from posttrain.trainers.online import OnlineRollouts, OnlineSettings, PromptRow, RolloutCorrection
 from posttrain.trainers.reference import FrozenReference
@@ -69,7 +70,7 @@ class GRPOSettings(OnlineSettings):
     estimator: str = doc("grpo", "Advantage estimator (see docs/algorithms.md): per sequence grpo, dr_grpo, rloo, bnpo, ...; or per token reinforce_pp (REINFORCE++: returns of the token rewards, whitened over the step's batch) or discounted_returns (the reward placed on the last token, minus the per-token KL with kl_in: reward).")
     estimator_args: dict = doc({}, "Options of the estimator, e.g. {scale: batch} for GRPO.")
     policy_loss: str = doc("ppo", "Policy loss: ppo, gspo, cispo, clip_cov, kl_cov.")
-    policy_loss_args: dict = doc({"clip_low": 0.2, "clip_high": 0.2}, "Options of the policy loss (clip ranges, dual_clip, ...).")
+    policy_loss_args: dict = doc({}, "Options of the policy loss (clip_low, clip_high, dual_clip, ...); unset ones take the loss's own defaults from its paper (ppo: 0.2 / 0.2, gspo: 3e-4 / 4e-4, cispo: clip_high 4).")
     loss_agg: str = doc("token-mean", "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm.")
     kl_coef: float = doc(0.0, "Weight of the KL to the reference policy (0: no reference model is loaded).")
     kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3, low_var_kl.")
@@ -78,6 +79,7 @@ class GRPOSettings(OnlineSettings):
     dynamic_sampling: bool = doc(False, "DAPO dynamic sampling: groups whose rewards are all equal carry no signal; sample more groups until the step holds prompts_per_step informative ones (docs/rl.md).")
     dynamic_sampling_max_rounds: int = doc(3, "Extra sampling rounds (prompts_per_step fresh prompts each) a step may spend to find informative groups; a step still short is filled with uninformative groups, masked out of the loss and counted. 0: only mask.")
     tis_cap: float | None = doc(None, "Short for rollout_correction: {level: token, mode: truncate, clip_max: tis_cap}: weight tokens by min(pi_learner/pi_sampler, cap).")
+    hapo: HAPOSettings = doc(HAPOSettings, "HAPO: add a history-aware length reward, {enabled: true, weight: 1.0} (docs/rl.md).")
 
     def correction(self) -> RolloutCorrection:
         """The rollout correction in force: ``rollout_correction``, or the one ``tis_cap`` stands for."""
@@ -92,6 +94,7 @@ class GRPOSettings(OnlineSettings):
                               "tis_cap is the short form of rollout_correction: {level: token, mode: truncate, "
                               "clip_max: CAP}. Keep one.")
         self.correction().check("grpo.tis_cap", source)
+        self.hapo.check("grpo.hapo", source)
         if self.token_level:
             if "values" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(self.estimator):
                 raise ConfigError(f"grpo.estimator: {self.estimator} in {source} needs a critic's values, which GRPO "
@@ -107,6 +110,10 @@ class GRPOSettings(OnlineSettings):
                                     (algorithms.KL_ESTIMATORS, self.kl_estimator, "kl_estimator")):
             if name not in registry:
                 raise ConfigError(f"grpo.{key} in {source}: {registry.unknown_message(name)}")
+        check_options(algorithms.POLICY_LOSSES, self.policy_loss, self.policy_loss_args, "grpo.policy_loss_args",
+                      source, supplied=("logprobs", "old_logprobs", "advantages", "mask", "loss_agg_mode",
+                                        "importance_weights", "global_num_tokens", "global_num_seqs",
+                                        "norm_constant", "gradient_divisor"))
         if not self.token_level:
             check_options(algorithms.ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args,
                           "grpo.estimator_args", source, supplied=("rewards", "group_size"))
@@ -206,6 +213,8 @@ class Recipe:
         self.plan = batch_plan(cfg, dist.world_size, self.source)
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
         self.rollouts = OnlineRollouts(cfg, cfg.grpo, dist, self.tokenizer)
+        self.hapo = (HAPOShaping(cfg.grpo.hapo, self.rollouts.rewards.labels, self.rollouts.verifier, dist)
+                     if cfg.grpo.hapo.enabled else None)
         self.total_steps = cfg.train.max_steps
         log.info("prompts: %d train / %d eval; %s; invalid rows skipped: %s; %d steps of %d prompts x %d samples, "
                  "%d optimizer steps", len(self.rollouts.prompts), len(self.rollouts.eval_prompts),
@@ -219,6 +228,8 @@ class Recipe:
         state = self.run.restore(self.learner)
         if self.spo is not None and state.get("spo"):
             self.spo.load_state_dict(state["spo"])
+        if self.hapo is not None and state.get("hapo"):
+            self.hapo.load_state_dict(state["hapo"])
         self.run.open_metrics()
         self.rollouts.start_engine()
         if self.run.start_step:  # the engine loaded the initial weights: bring it to the checkpoint's
@@ -256,6 +267,8 @@ class Recipe:
         state = {"total_steps": self.total_steps}
         if self.spo is not None:
             state["spo"] = self.spo.state_dict()
+        if self.hapo is not None:
+            state["hapo"] = self.hapo.state_dict()
         self.run.save(step, self.learner, self.tokenizer, state=state)
 
     def rl_step(self, step: int) -> dict:
@@ -274,6 +287,9 @@ class Recipe:
         if g.dynamic_sampling and g.dynamic_sampling_max_rounds > 0:
             rows, batch, rewards, scores, refill_metrics = self._refill(step, rows, batch, rewards, scores)
             timings["generate"] = time.perf_counter() - t0 - timings["reward"]
+        hapo_metrics: dict[str, float] = {}
+        if self.hapo is not None:  # + weight x the history-aware length reward; then the history takes this step
+            rewards, hapo_metrics = self.hapo.shape(rows, batch, rewards, scores)
         task_rewards = rewards
         baseline_rewards = None
         if "baseline_rewards" in g.estimator_needs():  # ReMax: greedy baseline
@@ -328,7 +344,7 @@ class Recipe:
         kl = update["kl"] if reward_kl is None else reward_kl[0] / max(reward_kl[1], 1.0)
         metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": kl,
                         "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"],
-                        "lr": self.learner.lr, **spo_metrics, **refill_metrics})
+                        "lr": self.learner.lr, **spo_metrics, **refill_metrics, **hapo_metrics})
         if baseline_rewards is not None:
             finite = baseline_rewards[torch.isfinite(baseline_rewards)]
             total, scored = all_reduce_sum([float(finite.sum()), float(finite.numel())])
