@@ -147,3 +147,10 @@ def test_every_preference_loss_trains(loss, tiny_model, pairs, tmp_path):  # noq
     assert result.returncode == 0, result.stderr[-3000:]
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r and "step" in r]
     assert [r["step"] for r in records][:2] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_policy_loss_options_are_checked_before_launch(tiny_model, arithmetic_data, tmp_path):
+    result = run_cli("run", GRPO_RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "o", "grpo.policy_loss=kl_cov",
+                                                    "grpo.policy_loss_args={clip_low: 0.2}"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "kl_cov has no option 'clip_low'" in result.stderr and "kl_cov_ratio" in result.stderr
