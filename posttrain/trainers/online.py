@@ -288,6 +288,9 @@ class OnlineRollouts:
         self.verifier = next((label for label, reward in self.rewards.rewards.items()
                               if getattr(reward, "name", None) in VERIFIER_REWARDS), None)
         self.engine = None
+        # A cap on the training rollouts' completion length below rollout.max_tokens (T-PPO's window); None: none.
+        # Evaluation is not capped.
+        self.max_tokens: int | None = None
         self.staleness = 0  # policy lag of the last batch, in steps
         self.inflight: tuple[int, int] | None = None  # one-step async: (target step, step it was submitted at)
         self.ready: tuple[int, int, Any] | None = None  # ... and once collected, with its batch
@@ -328,13 +331,19 @@ class OnlineRollouts:
             self.ready = None
         else:  # the first step, a resumed run's first step (its prefetch was not checkpointed), or sync
             submitted_at = step
-            batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step))
+            batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step),
+                                         **self._cap())
             self.engine.sleep()
         self.staleness = step - submitted_at
         if self.cfg.rollout.schedule == "one_step_async" and step + 1 < self.cfg.train.max_steps:
-            self.engine.submit([r.prompt for r in self.rows(step + 1)], n=self.cfg.rollout.n, seed=self._seed(step + 1))
+            self.engine.submit([r.prompt for r in self.rows(step + 1)], n=self.cfg.rollout.n, seed=self._seed(step + 1),
+                               **self._cap())
             self.inflight = step + 1, step
         return batch
+
+    def _cap(self) -> dict[str, int]:
+        """The engine's per-call override of max_tokens for training rollouts, when ``max_tokens`` caps them."""
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
 
     def _seed(self, step: int, round_: int = 0) -> int:
         """The engine seeds prompt i of a call with seed + i * n. Offsetting by this rank's first global prompt
@@ -355,7 +364,8 @@ class OnlineRollouts:
     def generate_refill(self, step: int, round_: int, rows: list[PromptRow]):
         """``rollout.n`` samples per prompt of a refill round, with the weights that sampled the step."""
         self.await_prefetch()  # one-step async: the batch in flight is answered first (and kept)
-        batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step, round_))
+        batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step, round_),
+                                     **self._cap())
         self.engine.sleep()
         return batch
 

@@ -11,6 +11,9 @@ Supports:
   - PPO-max: score normalisation by running statistics and clipping, a per-token KL penalty in the reward,
     GAE, advantage whitening over the whole batch (all ranks), the clipped policy loss, the clipped value
     loss, a fixed or adaptive KL coefficient, several epochs of shuffled mini-batches per rollout
+  - T-PPO (``ppo.truncated``): generation within a window of tokens; responses the window cuts are incomplete,
+    their advantages come from extended GAE bootstrapped at the critic's value of the last generated state, and
+    the value loss trains on finished responses only (towards their lambda-``value_lam`` returns)
   - DeepSpeed ZeRO 0-3 (policy and critic alike), LoRA for the policy, 1..N processes, colocated or
     disaggregated placement (``rollout.placement``); checkpoints hold the
     policy, the critic (``critic/``, a Hugging Face directory), both optimizer states, the KL coefficient
@@ -32,11 +35,19 @@ One step, for completion tokens t = 1..T_i of sample i (``old``: the learner bef
     L_value  = 0.5 mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps_v, eps_v) - R_t)^2)
     beta    <- beta * (1 + clip(KL / KL_target - 1, -0.2, 0.2) * n / horizon)      (adaptive; n samples)
 
+T-PPO (``ppo.truncated.enabled``), for a response cut at the window after T tokens (incomplete, c_i = 1):
+
+    r_t      = -beta * k(...)  only: no outcome reward s_i before completion (nor in the running statistics)
+    V_{T+1}  = c_i * V(s_T)                                  V(s_T): the critic at the last generated token
+    A_t      = sum_{k=0}^{T-t} (gamma lam)^k delta_{t+k}     extended GAE; exactly GAE for finished responses
+    L_value  over the tokens of finished responses only, towards R_t of GAE with lambda = truncated.value_lam
+
 Secrets of RLHF in Large Language Models Part I: PPO (Zheng et al., 2023) for PPO-max;
 Training language models to follow instructions with human feedback (Ouyang et al., 2022);
 Fine-Tuning Language Models from Human Preferences (Ziegler et al., 2019) for the adaptive KL controller;
 High-Dimensional Continuous Control Using Generalized Advantage Estimation (Schulman et al., 2015);
-Proximal Policy Optimization Algorithms (Schulman et al., 2017).
+Proximal Policy Optimization Algorithms (Schulman et al., 2017);
+Truncated Proximal Policy Optimization (Fan et al., 2025, arXiv:2506.15050) for T-PPO and extended GAE.
 """
 
 from __future__ import annotations
@@ -304,6 +315,10 @@ class Recipe:
         check_critic_source(cfg)
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
         self.rollouts = OnlineRollouts(cfg, p, dist, self.tokenizer)
+        self.rollouts.max_tokens = p.truncated.generation_cap(cfg.rollout.max_tokens)  # T-PPO: the window
+        if p.truncated.enabled:
+            log.info("T-PPO: generation window %d tokens (rollout.max_tokens %d); extended GAE on the incomplete "
+                     "responses, the value loss on finished ones", self.rollouts.max_tokens, cfg.rollout.max_tokens)
         self.total_steps = cfg.train.max_steps
         log.info("prompts: %d train / %d eval; %s; invalid rows skipped: %s; %d steps of %d prompts x %d samples, "
                  "%d optimizer steps", len(self.rollouts.prompts), len(self.rollouts.eval_prompts),
@@ -383,8 +398,10 @@ class Recipe:
         t2 = time.perf_counter()
         tensors = batch.collate(self.tokenizer.pad_token_id)
         mask = tensors["completion_mask"].float()
+        incomplete = self._incomplete(batch)  # T-PPO: the responses its window cut (all False when it is off)
         # A sample no reward scored carries no signal: it is left out of the losses (counted in reward/unscored).
-        loss_mask = mask * torch.isfinite(scores)[:, None].float()
+        # An incomplete response needs no score: T-PPO bootstraps it from the critic.
+        loss_mask = mask * (torch.isfinite(scores) | incomplete)[:, None].float()
         keep = torch.ones(len(batch), dtype=torch.bool)
         if p.pf_ppo != "off":  # PF-PPO: only the most reliably rewarded samples of each prompt train
             keep = online.policy_filtration_keep(p.pf_ppo, scores, cfg.rollout.n, seed=cfg.seed, step=step)
@@ -392,14 +409,17 @@ class Recipe:
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
                                                                  cfg.train.micro_batch_size, temperature,
                                                                  padding_free=p.padding_free)
-        old_values = self._values(tensors)
+        old_values, final_values = self._values(tensors)
         beta = self.kl_controller.value
-        shaped = self._shape_scores(scores)
+        # T-PPO: the outcome reward exists only at completion; an incomplete response gets none (nor counts in the
+        # running statistics): its last token's reward is the KL penalty alone, its return bootstrapped.
+        shaped = self._shape_scores(scores.masked_fill(incomplete, float("nan")))
         ref = ref_logprobs if ref_logprobs is not None else old_logprobs  # no reference: no penalty
         token_kl = algorithms.kl_estimate(p.kl_estimator, old_logprobs, ref)
         token_rewards = algorithms.kl_penalized_rewards(shaped, old_logprobs, ref, loss_mask, coef=beta,
                                                         kind=p.kl_estimator)
-        advantages, returns = algorithms.gae_advantages(token_rewards, old_values, loss_mask, gamma=p.gamma, lam=p.lam)
+        advantages, returns, value_mask = self._advantages(token_rewards, old_values, final_values, loss_mask,
+                                                           incomplete)
         adv_stats = global_moments(advantages, loss_mask)
         whitened = (algorithms.masked_whiten(advantages, loss_mask, mean=adv_stats["mean"], var=adv_stats["var"])
                     if p.whiten_advantages else advantages)
@@ -413,8 +433,11 @@ class Recipe:
                                     "logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "token_kl": token_kl,
                                     "values": old_values, "token_rewards": token_rewards, "advantages": advantages,
                                     "whitened_advantages": whitened, "returns": returns, "kl_coef": beta,
-                                    "gamma": p.gamma, "lam": p.lam, "input_ids": tensors["input_ids"]})
-        update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask, weights)
+                                    "gamma": p.gamma, "lam": p.lam, "input_ids": tensors["input_ids"],
+                                    "truncated": incomplete, "final_values": final_values, "value_mask": value_mask,
+                                    "value_lam": self._value_lam()})
+        update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask, weights,
+                              value_mask=value_mask)
         timings["train"] = time.perf_counter() - t2
 
         timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
@@ -433,8 +456,8 @@ class Recipe:
         kl_sum, shaped_sum, seqs = all_reduce_sum([float(seq_kl[scored].sum()), float(shaped[scored].sum()),
                                                    float(scored.sum())])
         kl = kl_sum / max(seqs, 1.0)
-        returns_stats = global_moments(returns, loss_mask)
-        residual = global_moments(returns - old_values, loss_mask)
+        returns_stats = global_moments(returns, value_mask)  # the critic's targets, where it trains
+        residual = global_moments(returns - old_values, value_mask)
         value_stats = global_moments(old_values, loss_mask)
         metrics.update({
             "kl": kl, "kl_coef": beta, "reward/shaped_mean": shaped_sum / max(seqs, 1.0),
@@ -450,23 +473,71 @@ class Recipe:
             metrics["grad_norm"] = self.learner.grad_norm
         if self.critic.grad_norm is not None:
             metrics["critic_grad_norm"] = self.critic.grad_norm
+        if p.truncated.enabled:
+            metrics.update(self._truncation_metrics(scores, incomplete, final_values, loss_mask, value_mask))
         if p.kl_target is not None:
             self.kl_controller.update(kl, n_steps=int(seqs))
         return metrics
 
     @torch.no_grad()
-    def _values(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The critic's values before this step's updates (V_old), ``[B, L]``."""
+    def _values(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's values before this step's updates: V_old ``[B, L]``, and V(s_T) ``[B]``, the value of the
+        state after each whole response (T-PPO's bootstrap), from the same forward passes."""
         size = self.cfg.train.micro_batch_size
-        out = []
+        out, final = [], []
         self.critic.eval()
         for start in range(0, tensors["input_ids"].shape[0], size):
             part = {k: v[start : start + size] for k, v in tensors.items()}
             logits = forward_logits(self.critic, part["input_ids"], part["attention_mask"],
                                          padding_free=self.cfg.ppo.padding_free)
             out.append(token_values(logits, part["completion_mask"]))
+            final.append(final_state_values(logits, part["completion_mask"]))
         self.critic.train()
-        return torch.cat(out)
+        return torch.cat(out), torch.cat(final)
+
+    def _incomplete(self, batch) -> torch.Tensor:
+        """``[B]`` bool: with T-PPO on, the responses the generation window cut (finish_reason "length"); all False
+        otherwise."""
+        enabled = self.cfg.ppo.truncated.enabled
+        return torch.tensor([enabled and s.finish_reason == "length" for s in batch], dtype=torch.bool)
+
+    def _value_lam(self) -> float:
+        """Lambda of the critic's targets: T-PPO's ``truncated.value_lam`` (null: ``ppo.lam``), else ``ppo.lam``."""
+        p = self.cfg.ppo
+        return p.truncated.value_lam if p.truncated.enabled and p.truncated.value_lam is not None else p.lam
+
+    def _advantages(self, token_rewards: torch.Tensor, values: torch.Tensor, final_values: torch.Tensor,
+                    loss_mask: torch.Tensor, incomplete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages, the critic's targets, the value loss's mask), ``[B, L]`` each.
+
+        PPO: GAE, returns R_t = A_t + V_t, the value loss on every loss token. T-PPO: extended GAE (the incomplete
+        rows bootstrapped from ``final_values``, V(s_T)); the value loss only on finished responses (an incomplete
+        one's return would rest on the critic's own guess of V(s_T)), towards their lambda-``value_lam`` returns
+        (GAE's, as EGAE equals GAE on finished rows); targets are 0 on the incomplete rows."""
+        p = self.cfg.ppo
+        if not p.truncated.enabled:
+            advantages, returns = algorithms.gae_advantages(token_rewards, values, loss_mask, gamma=p.gamma, lam=p.lam)
+            return advantages, returns, loss_mask
+        advantages, returns = algorithms.egae_advantages(token_rewards, values, loss_mask, truncated=incomplete,
+                                                         bootstrap_values=final_values, gamma=p.gamma, lam=p.lam)
+        value_mask = loss_mask * (~incomplete)[:, None].float()
+        if self._value_lam() != p.lam:
+            _, returns = algorithms.gae_advantages(token_rewards, values, value_mask, gamma=p.gamma,
+                                                   lam=self._value_lam())
+        return advantages, returns * value_mask, value_mask
+
+    def _truncation_metrics(self, scores: torch.Tensor, incomplete: torch.Tensor, final_values: torch.Tensor,
+                            loss_mask: torch.Tensor, value_mask: torch.Tensor) -> dict[str, float]:
+        """T-PPO's step metrics over every rank: the share of incomplete responses, the critic's mean V(s_T) on
+        them, the share of loss tokens the value loss trains on, and the mean score of the finished responses."""
+        finished = ~incomplete & torch.isfinite(scores)
+        (cut, count, boot, loss_tokens, value_tokens, done, done_sum) = all_reduce_sum([
+            float(incomplete.sum()), float(incomplete.numel()), float(final_values[incomplete].sum()),
+            float(loss_mask.sum()), float(value_mask.sum()), float(finished.sum()), float(scores[finished].sum())])
+        return {"tppo/window": float(self.rollouts.max_tokens), "tppo/incomplete_share": cut / max(count, 1.0),
+                "tppo/bootstrap_value_mean": boot / max(cut, 1.0),
+                "tppo/value_token_share": value_tokens / max(loss_tokens, 1.0),
+                "tppo/finished_reward_mean": done_sum / max(done, 1.0)}
 
     def _shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores normalised by the running statistics (updated with this step's, over all ranks) and clipped;
@@ -484,9 +555,12 @@ class Recipe:
         return shaped.float().nan_to_num(0.0)
 
     def _update(self, step: int, tensors, old_logprobs, old_values, advantages, returns, loss_mask,
-                weights=None) -> dict[str, float]:
+                weights=None, value_mask=None) -> dict[str, float]:
         """``ppo.epochs`` passes of shuffled mini-batches; each mini-batch is one optimizer step of the policy
-        and one of the critic. Losses are aggregated over the global mini-batch (counts summed over ranks)."""
+        and one of the critic. Losses are aggregated over the global mini-batch (counts summed over ranks).
+        ``value_mask`` (default ``loss_mask``): the tokens of the value loss (T-PPO: finished responses only); a
+        mini-batch with none on any rank leaves the critic untouched."""
+        value_mask = loss_mask if value_mask is None else value_mask
         cfg, p, dist = self.cfg, self.cfg.ppo, self.dist
         temperature = max(cfg.rollout.temperature, 1e-6)
         train_policy = step >= p.critic.pretrain_steps
@@ -494,17 +568,20 @@ class Recipe:
         per_mini = local // self.plan["mini_batches"]
         divisor = self.plan["grad_accum"] * dist.world_size
         sums: dict[str, float] = defaultdict(float)
-        updates = 0
+        updates = critic_updates = 0
         for epoch in range(p.epochs):
             # Seeded by (run, step, epoch, rank) alone, so a resumed run shuffles alike.
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + epoch * 101 + dist.rank)
             order = torch.randperm(local, generator=generator)
             for mb in range(self.plan["mini_batches"]):
                 rows = order[mb * per_mini : (mb + 1) * per_mini]
-                num_tokens, num_seqs = all_reduce_sum([loss_mask[rows].sum().item(),
-                                                       float((loss_mask[rows].sum(1) > 0).sum())])
+                num_tokens, num_seqs, value_tokens, value_seqs = all_reduce_sum([
+                    loss_mask[rows].sum().item(), float((loss_mask[rows].sum(1) > 0).sum()),
+                    value_mask[rows].sum().item(), float((value_mask[rows].sum(1) > 0).sum())])
                 agg = {"global_num_tokens": max(num_tokens, 1.0), "global_num_seqs": max(num_seqs, 1.0),
                        "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
+                value_agg = {**agg, "global_num_tokens": max(value_tokens, 1.0),
+                             "global_num_seqs": max(value_seqs, 1.0)}
                 for start in range(0, per_mini, cfg.train.micro_batch_size):
                     part = rows[start : start + cfg.train.micro_batch_size]
                     ids, attention = tensors["input_ids"][part], tensors["attention_mask"][part]
@@ -514,10 +591,15 @@ class Recipe:
                         self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
                                                 advantages[part], agg, temperature, sums, divisor, tokens,
                                                 None if weights is None else weights[part])
+                    sums["tokens"] += tokens
+                    if value_tokens == 0:  # decided alike on every rank: no collective is left waiting
+                        continue
+                    vmask = value_mask[part]
                     values = token_values(forward_logits(self.critic, ids, attention,
                                                               padding_free=p.padding_free), completion)
-                    value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], mask,
-                                                                clip_range=p.value_clip, loss_agg_mode=p.loss_agg, **agg)
+                    value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], vmask,
+                                                                clip_range=p.value_clip, loss_agg_mode=p.loss_agg,
+                                                                **value_agg)
                     value_loss, skipped = online.guard_nonfinite(value_loss, p.nonfinite_loss, "value loss",
                                                                  "ppo.nonfinite_loss", step=step + 1,
                                                                  last_checkpoint=self.run.last_checkpoint,
@@ -527,16 +609,18 @@ class Recipe:
                     if not skipped:
                         sums["value_loss"] += value_loss.item() / divisor
                     sums["nonfinite_skipped"] += float(skipped) / self.dist.world_size  # all ranks skip together
-                    sums["vf_clipfrac"] += float(metrics.get("vf_clipfrac", 0.0)) * tokens
-                    sums["tokens"] += tokens
+                    sums["vf_clipfrac"] += float(metrics.get("vf_clipfrac", 0.0)) * vmask.sum().item()
+                    sums["value_tokens"] += vmask.sum().item()
                 updates += 1
+                critic_updates += value_tokens > 0
         keys = sorted(sums)
         out = dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
         tokens = max(out.pop("tokens", 0.0), 1.0)
+        value_tokens = max(out.pop("value_tokens", 0.0), 1.0)
         result = {"policy_loss": out.get("policy_loss", 0.0) / max(updates, 1),
-                  "value_loss": out.get("value_loss", 0.0) / max(updates, 1),
+                  "value_loss": out.get("value_loss", 0.0) / max(critic_updates, 1),
                   "nonfinite_skipped": out.get("nonfinite_skipped", 0.0),
-                  "vf_clipfrac": out.get("vf_clipfrac", 0.0) / tokens}
+                  "vf_clipfrac": out.get("vf_clipfrac", 0.0) / value_tokens}
         if train_policy:
             result.update({k: out.get(k, 0.0) / tokens for k in ("clipfrac", "approx_kl", "entropy")})
         return result
