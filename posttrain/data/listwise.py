@@ -21,9 +21,9 @@ import torch
 from posttrain.data.formats import check_listwise
 from posttrain.data.loading import Row, load_rows
 from posttrain.data.pipeline import load_examples
-from posttrain.data.preference import collate_sequences, encode_completions
+from posttrain.data.preference import collate_sequences, completion_room, encode_completions
 from posttrain.data.tokenize import LengthReport
-from posttrain.errors import DataError, InvalidRow
+from posttrain.errors import DataError
 
 
 @dataclass
@@ -54,26 +54,10 @@ def fit_listwise(example: ListwiseExample, max_length: int, policy: str, where: 
                  report: LengthReport) -> ListwiseExample | None:
     """``data.overlong`` for lists, as for pairs: prompt + the longest completion must fit; ``truncate`` cuts
     every completion to the room the prompt leaves, and a prompt that leaves none is never truncated."""
-    longest = len(example.prompt_ids) + max(len(c) for c in example.completion_ids)
-    if longest <= max_length:
-        return example
-    if policy == "error":
-        raise DataError(
-            f"{where}: {longest} tokens (prompt {len(example.prompt_ids)}), longer than data.max_length={max_length}.",
-            hint="Raise data.max_length, or set data.overlong to 'drop' (or 'truncate' for long completions).",
-        )
-    if policy == "drop":
-        report.dropped_too_long += 1
-        return None
-    if len(example.prompt_ids) >= max_length:
-        raise InvalidRow(
-            f"{where}: the prompt alone fills data.max_length={max_length} ({len(example.prompt_ids)} tokens), "
-            "leaving no room for the completions.",
-            hint="Raise data.max_length, shorten the prompt, or skip such rows with data.invalid_rows=skip "
-                 "(or data.overlong=drop).",
-        )
-    room = max_length - len(example.prompt_ids)
-    report.truncated += 1
+    longest = max(len(c) for c in example.completion_ids)
+    room = completion_room(len(example.prompt_ids), longest, max_length, policy, where, report)
+    if room is None or room == longest:
+        return None if room is None else example
     return ListwiseExample(example.prompt_ids, [c[:room] for c in example.completion_ids], example.labels)
 
 

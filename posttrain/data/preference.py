@@ -63,30 +63,40 @@ def preference_example(tokenizer, row: Row) -> PreferenceExample:
     return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, None if margin is None else float(margin))
 
 
-def fit_preference(example: PreferenceExample, max_length: int, policy: str, where: str,
-                   report: LengthReport) -> PreferenceExample | None:
-    """``data.overlong`` for pairs: a prompt that leaves no room is never truncated (it is dropped, an error,
-    or with ``data.invalid_rows: skip`` a counted skip)."""
-    longest = len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+def completion_room(prompt_length: int, longest_completion: int, max_length: int, policy: str, where: str,
+                    report: LengthReport) -> int | None:
+    """``data.overlong`` for a prompt with several completions (pairs, lists): how many tokens each completion
+    may keep (``longest_completion`` when all fit), or None to drop the row. A prompt that leaves no room is
+    never truncated (an error, or with ``data.invalid_rows: skip`` a counted skip)."""
+    longest = prompt_length + longest_completion
     if longest <= max_length:
-        return example
+        return longest_completion
     if policy == "error":
         raise DataError(
-            f"{where}: {longest} tokens (prompt {len(example.prompt_ids)}), longer than data.max_length={max_length}.",
+            f"{where}: {longest} tokens (prompt {prompt_length}), longer than data.max_length={max_length}.",
             hint="Raise data.max_length, or set data.overlong to 'drop' (or 'truncate' for long completions).",
         )
     if policy == "drop":
         report.dropped_too_long += 1
         return None
-    if len(example.prompt_ids) >= max_length:
+    if prompt_length >= max_length:
         raise InvalidRow(
-            f"{where}: the prompt alone fills data.max_length={max_length} ({len(example.prompt_ids)} tokens), "
+            f"{where}: the prompt alone fills data.max_length={max_length} ({prompt_length} tokens), "
             "leaving no room for the completions.",
             hint="Raise data.max_length, shorten the prompt, or skip such rows with data.invalid_rows=skip "
                  "(or data.overlong=drop).",
         )
-    room = max_length - len(example.prompt_ids)
     report.truncated += 1
+    return max_length - prompt_length
+
+
+def fit_preference(example: PreferenceExample, max_length: int, policy: str, where: str,
+                   report: LengthReport) -> PreferenceExample | None:
+    """``data.overlong`` for pairs (:func:`completion_room`)."""
+    longest = max(len(example.chosen_ids), len(example.rejected_ids))
+    room = completion_room(len(example.prompt_ids), longest, max_length, policy, where, report)
+    if room is None or room == longest:
+        return None if room is None else example
     return PreferenceExample(example.prompt_ids, example.chosen_ids[:room], example.rejected_ids[:room], example.margin)
 
 
