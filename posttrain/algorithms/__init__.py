@@ -17,6 +17,7 @@ registry                       entry point
 ``ENSEMBLE_REDUCTIONS``        :func:`ensemble_reward`
 ``OBJECTIVE_COMBINATIONS``     :func:`combine_objectives`
 ``PAIR_SELECTIONS``            :func:`select_pairs` (+ :func:`rso_select`)
+``LENGTH_REWARDS``             :func:`length_reward` (+ :class:`LengthHistory`, HAPO)
 =============================  ==========================================================
 
 See ``docs/algorithms.md`` for the table of methods, papers and anchor frameworks.
@@ -33,6 +34,7 @@ from posttrain.algorithms.advantages import (
     group_advantages,
     group_reward_std,
     grpo_advantages,
+    oreal_advantages,
     reinforce_advantages,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
@@ -51,6 +53,12 @@ from posttrain.algorithms.kl import (
     make_kl_controller,
     sequence_kl,
 )
+from posttrain.algorithms.length_history import (
+    LengthHistory,
+    cosine_length_reward,
+    length_reward,
+    linear_length_reward,
+)
 from posttrain.algorithms.normalization import RunningMoments, normalize_rewards
 from posttrain.algorithms.off_policy import ImportanceWeights, truncated_importance_weights
 from posttrain.algorithms.policy import (
@@ -63,6 +71,7 @@ from posttrain.algorithms.policy import (
     entropy_from_logits,
     gspo_loss,
     kl_cov_loss,
+    oreal_loss,
     ppo_clip_loss,
     value_loss,
 )
@@ -78,6 +87,7 @@ from posttrain.algorithms.registry import (
     ADVANTAGE_ESTIMATORS,
     ENSEMBLE_REDUCTIONS,
     KL_ESTIMATORS,
+    LENGTH_REWARDS,
     LOSS_AGGREGATIONS,
     OBJECTIVE_COMBINATIONS,
     PAIR_SELECTIONS,
@@ -115,6 +125,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "ENSEMBLE_REDUCTIONS",
     "KL_ESTIMATORS",
+    "LENGTH_REWARDS",
     "LOSS_AGGREGATIONS",
     "OBJECTIVE_COMBINATIONS",
     "PAIRINGS",
@@ -126,6 +137,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "ImportanceWeights",
+    "LengthHistory",
     "PolicyLossOutput",
     "PolicyLossResult",
     "PreferenceRewards",
@@ -143,6 +155,7 @@ __all__ = [
     "clip_cov_loss",
     "combine_objectives",
     "compute_policy_loss",
+    "cosine_length_reward",
     "discounted_returns",
     "dr_grpo_advantages",
     "dynamic_sampling_mask",
@@ -165,6 +178,8 @@ __all__ = [
     "kl_penalized_rewards",
     "kto_kl_reference",
     "kto_loss",
+    "length_reward",
+    "linear_length_reward",
     "listwise_ranking_loss",
     "local_loss_counts",
     "make_kl_controller",
@@ -173,6 +188,8 @@ __all__ = [
     "masked_whiten",
     "mc_value_labels",
     "normalize_rewards",
+    "oreal_advantages",
+    "oreal_loss",
     "orpo_log_odds_ratio",
     "pf_ppo_filter",
     "pf_ppo_weights",

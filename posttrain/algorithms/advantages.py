@@ -197,12 +197,74 @@ def spo_advantages(
     return tracker.advantages(keys, rewards, eps=eps)
 
 
+@ADVANTAGE_ESTIMATORS.register("oreal", needs=("batch_stats", "mask"))
+def oreal_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    mask: Tensor | None = None,
+    threshold: float = 0.5,
+    baseline: str = "rloo",
+    positive_advantage: bool = True,
+    positive_weight: float = 1.0,
+    negative_weight: float = 0.5,
+    eps: float = 1e-8,
+) -> Tensor:
+    """OREAL's outcome advantages ("Exploring the Limit of Outcome Reward for Learning Mathematical Reasoning",
+    Lyu et al., 2025, arXiv 2502.06781), for the ``oreal`` policy loss (behaviour cloning where A > 0).
+
+    Rewards are binary outcomes: r = 1 if the reward exceeds ``threshold``, else 0 (NaN: unscored). With p_-i
+    the pass rate of the other responses in i's group (``baseline="rloo"``, the released recipes' reward
+    shaping):
+
+        correct i:    A_i = 1 - p_-i        (its behaviour-cloning weight; 1 when ``positive_advantage=False``)
+        incorrect i:  A_i = 0 - p_-i        (the reshaped reward of a negative: the more often the prompt is
+                                             solved, the harder a failure is pushed down)
+
+    ``baseline="grpo"`` uses (r - mean_g r) / (std_g r + eps) instead. Positives and negatives are then
+    normalised separately, as the paper's loss averages each over its own tokens, and weighted by eta+ =
+    ``positive_weight`` and eta- = ``negative_weight`` (1.0 and 0.5 in the released recipes):
+
+        A_i <- A_i * eta+ * N / N+   (correct),    A_i <- A_i * eta- * N / N-   (incorrect)
+
+    N+, N-, N: the response tokens of the correct, incorrect and all rows, from ``mask`` [B, T] (the trainer's
+    gathered lengths; without it, rows are counted). So a ``token-mean`` loss over the step's N tokens gives
+    eta+ * sum_{correct} A * loss_t / N+ + eta- * sum_{incorrect} A * loss_t / N-.
+    """
+    group_view(rewards, group_size)
+    if baseline not in ("rloo", "grpo"):
+        raise ValueError(f"Unknown OREAL baseline {baseline!r}. Valid names: grpo, rloo.")
+    scored = ~torch.isnan(rewards)
+    correct = scored & (rewards > threshold)
+    negative = scored & ~correct
+    binary = torch.where(scored, correct.to(rewards.dtype), rewards)
+    if baseline == "rloo":
+        adv = rloo_advantages(binary, group_size)
+    else:
+        adv = grpo_advantages(binary, group_size, eps=eps)
+    if not positive_advantage:  # plain behaviour cloning: every correct response weighs 1
+        adv = torch.where(correct, torch.ones_like(adv), adv)
+    if mask is None:
+        lengths = torch.ones_like(rewards)
+    else:
+        if mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
+            raise ValueError(f"mask must be [B, T] with B = {rewards.shape[0]}, got {tuple(mask.shape)}")
+        lengths = mask.bool().sum(-1).to(rewards.dtype)
+    total = lengths.sum()
+    positive_scale = positive_weight * total / (lengths * correct).sum().clamp(min=1)
+    negative_scale = negative_weight * total / (lengths * negative).sum().clamp(min=1)
+    scale = torch.where(correct, positive_scale, torch.where(negative, negative_scale, torch.zeros_like(adv)))
+    return _finish(adv * scale, rewards)
+
+
 def group_advantages(estimator: str, rewards: Tensor, group_size: int, **kwargs: Any) -> Tensor:
     """Outcome-reward advantages [B] for rewards [B] laid out group by group (rows [0..G-1] are group 0).
 
     ``estimator`` is a name in ``ADVANTAGE_ESTIMATORS``: grpo (kwargs ``scale``, ``eps``), dr_grpo, rloo
     (``normalize``, ``eps``), reinforce_pp_baseline (``mask``, ``eps``), bnpo (``reward_min``,
-    ``reward_max``, ``max_weight``), remax (``baseline_rewards``), reinforce, spo (``tracker``, ``keys``).
+    ``reward_max``, ``max_weight``), remax (``baseline_rewards``), reinforce, spo (``tracker``, ``keys``),
+    oreal (``mask``, ``threshold``, ``baseline``, ``positive_advantage``, ``positive_weight``,
+    ``negative_weight``).
     The result is detached: advantages are targets, not part of the graph.
     """
     fn = ADVANTAGE_ESTIMATORS.get(estimator)
@@ -343,6 +405,7 @@ __all__ = [
     "group_advantages",
     "group_reward_std",
     "grpo_advantages",
+    "oreal_advantages",
     "reinforce_advantages",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",

@@ -274,6 +274,34 @@ def kl_cov_loss(
     return PolicyLossOutput(masked_fill_zero(loss, m), metrics)
 
 
+@POLICY_LOSSES.register("oreal")
+def oreal_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+) -> PolicyLossOutput:
+    """OREAL's loss ("Exploring the Limit of Outcome Reward for Learning Mathematical Reasoning", Lyu et al.,
+    2025, arXiv 2502.06781), per token, with the ``oreal`` advantages (positive exactly on correct responses):
+
+        A > 0 (correct):     l = -A log pi                                   behaviour cloning on the positives
+        A <= 0 (incorrect):  l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   policy gradient on the
+                                                                             negatives' reshaped reward
+
+    The paper takes one on-policy update per rollout, where r = 1 and the negatives' term is its -A r; the
+    clip only acts on later epochs. Its token-level reward model weights each token (w_t); here every token
+    weighs 1 (``compute_policy_loss``'s ``importance_weights`` can carry such weights)."""
+    adv, m = _check(logprobs, old_logprobs, advantages, mask)
+    pg = ppo_clip_loss(logprobs, old_logprobs, adv, mask, clip_low=clip_low, clip_high=clip_high)
+    positive = adv > 0
+    loss = torch.where(positive, -adv * logprobs, pg.per_token_loss)
+    metrics = {**pg.metrics, "bc_token_frac": _metric(positive, m)}
+    return PolicyLossOutput(masked_fill_zero(loss, m), metrics)
+
+
 def compute_policy_loss(
     name: str,
     logprobs: Tensor,

@@ -101,6 +101,7 @@ RANKING_LOSSES = Registry("ranking loss")
 ENSEMBLE_REDUCTIONS = Registry("reward ensemble reduction")
 OBJECTIVE_COMBINATIONS = Registry("multi-objective combination")
 PAIR_SELECTIONS = Registry("preference pair selection")
+LENGTH_REWARDS = Registry("length reward")
 
 
 def get_policy_loss(name: str) -> Callable[..., Any]:

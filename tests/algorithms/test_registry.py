@@ -21,7 +21,7 @@ from posttrain.algorithms import (
 from posttrain.errors import ConfigError
 
 EXPECTED = {
-    "POLICY_LOSSES": {"ppo", "gspo", "cispo", "clip_cov", "kl_cov"},
+    "POLICY_LOSSES": {"ppo", "gspo", "cispo", "clip_cov", "kl_cov", "oreal"},
     "ADVANTAGE_ESTIMATORS": {
         "grpo",
         "dr_grpo",
@@ -31,6 +31,7 @@ EXPECTED = {
         "remax",
         "reinforce",
         "spo",
+        "oreal",
     },
     "TOKEN_ADVANTAGE_ESTIMATORS": {"gae", "egae", "discounted_returns", "reinforce_pp"},
     "PREFERENCE_LOSSES": {
@@ -68,6 +69,7 @@ EXPECTED = {
     "ENSEMBLE_REDUCTIONS": {"mean", "wco", "uwo"},
     "OBJECTIVE_COMBINATIONS": {"weighted_sum", "maxmin", "min", "softmin"},
     "PAIR_SELECTIONS": {"rso", "best_worst", "random_pairs"},
+    "LENGTH_REWARDS": {"cosine", "linear"},
 }
 
 
