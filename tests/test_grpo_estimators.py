@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from posttrain.algorithms import ADVANTAGE_ESTIMATORS
+from posttrain.algorithms import ADVANTAGE_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS
 from tests.conftest import REPO, read_metrics, run_cli, write_jsonl
 from tests.test_grpo import BAD_REWARDS, RECIPE, grpo_args
 
@@ -184,4 +184,5 @@ def test_recipes_name_only_registered_estimators():
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         section = yaml.safe_load(path.read_text()).get("grpo") or {}
         if "estimator" in section:
-            assert section["estimator"] in ADVANTAGE_ESTIMATORS, path.name
+            assert section["estimator"] in ADVANTAGE_ESTIMATORS or section["estimator"] in TOKEN_ADVANTAGE_ESTIMATORS, \
+                path.name
