@@ -52,6 +52,9 @@ GRPO_RUNS: list[tuple[str, list[str], bool]] = (
     # best_random draws its second sample: the draw must be the same on 1 and 2 processes
     + [(f"pf_ppo={n}", [f"grpo.pf_ppo={n}"], n == "best_random")
        for n in get_args(get_type_hints(OnlineSettings)["pf_ppo"]) if n != "off"]
+    # HAPO (2 processes: its history is updated from the gathered batch); `a` stands in for the verifier
+    + [(f"length_reward={n}", [f"grpo.hapo={{enabled: true, length_reward: {n}, correctness_reward: a}}"], True)
+       for n in algorithms.LENGTH_REWARDS]
     + [(f"token_estimator={n}", [f"grpo.estimator={n}", "grpo.kl_coef=0.1", "grpo.kl_in=reward"],
         "batch_stats" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(n))
        for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS if "values" not in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(n)]
@@ -71,7 +74,8 @@ def test_the_grpo_matrix_covers_every_registry_name():
     for prefix, registry in (("policy_loss", algorithms.POLICY_LOSSES), ("loss_agg", algorithms.LOSS_AGGREGATIONS),
                              ("kl_estimator", algorithms.KL_ESTIMATORS),
                              ("reward_objectives", algorithms.OBJECTIVE_COMBINATIONS),
-                             ("reward_ensemble", algorithms.ENSEMBLE_REDUCTIONS)):
+                             ("reward_ensemble", algorithms.ENSEMBLE_REDUCTIONS),
+                             ("length_reward", algorithms.LENGTH_REWARDS)):
         assert {f"{prefix}={n}" for n in registry} <= selected
     # gae and egae need a critic: GRPO rejects them before launch (test_critic_estimators_are_rejected_in_grpo)
     assert {f"token_estimator={n}" for n in algorithms.TOKEN_ADVANTAGE_ESTIMATORS} - selected == {
