@@ -17,13 +17,17 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from posttrain.cli.score import RESERVED, add_reward_options, check_reward_columns, reward_set_from_args
+from posttrain.cli.score import (
+    RESERVED,
+    add_reward_options,
+    atomic_output,
+    check_reward_columns,
+    reward_set_from_args,
+)
 from posttrain.errors import DataError, UserError
 
 # Columns this command writes, and keyword arguments the reward call takes besides the data's own columns.
@@ -136,50 +140,42 @@ def run_pairs(args: argparse.Namespace) -> int:
         engine = RolloutEngine(args.model, RolloutConfig(n=n, temperature=args.temperature, max_tokens=args.max_tokens,
                                                          seed=args.seed, enforce_eager=True))
         written, unpaired, chosen_sum, rejected_sum = 0, 0, 0.0, 0.0
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out, \
-                    tqdm(total=len(rows), desc="sampling", unit="prompt", file=sys.stderr,
-                         disable=args.no_progress) as progress:
-                for first in range(0, len(rows), args.batch_size):
-                    chunk = rows[first:first + args.batch_size]
-                    progress.set_description("sampling")
-                    # vLLM seeds sample j of a prompt with its seed + j: prompts sit n apart, as in generate(seed=).
-                    batch = engine.generate([r.data["prompt"] for r in chunk],
-                                            seeds=[args.seed + (first + i) * n for i in range(len(chunk))])
-                    progress.set_description("scoring")
-                    extra = sorted({k for r in chunk for k in r.data if k != "prompt"})
-                    scores = rewards.score(
-                        [chunk[s.group].data["prompt"] for s in batch], [s.text for s in batch],
-                        groups=[s.group for s in batch], row_ids=[chunk[s.group].number for s in batch],
-                        completion_ids=[s.completion_ids for s in batch],
-                        **{k: [chunk[s.group].data.get(k) for s in batch] for k in extra})
-                    totals = [math.nan if t is None or not math.isfinite(t) else float(t) for t in scores.totals]
-                    for group, row in enumerate(chunk):
-                        texts = [s.text for s in batch[group * n:(group + 1) * n]]
-                        values = totals[group * n:(group + 1) * n]
-                        generator = torch.Generator().manual_seed(selection_seed(args.seed, first + group))
-                        pairs = select_pairs(args.selection, torch.tensor(values, dtype=torch.float64),
-                                             num_select=args.num_select, beta=args.beta, generator=generator,
-                                             pairing=args.pairing)
-                        unpaired += not pairs
-                        prompt = row.data["prompt"]
-                        others = {k: v for k, v in row.data.items() if k != "prompt"}
-                        for chosen, rejected in pairs:
-                            record = {"prompt": prompt, "chosen": _completion(prompt, texts[chosen]),
-                                      "rejected": _completion(prompt, texts[rejected]),
-                                      "chosen_reward": values[chosen], "rejected_reward": values[rejected], **others}
-                            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                            written += 1
-                            chosen_sum += values[chosen]
-                            rejected_sum += values[rejected]
-                    progress.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(dst) as out, \
+                tqdm(total=len(rows), desc="sampling", unit="prompt", file=sys.stderr,
+                     disable=args.no_progress) as progress:
+            for first in range(0, len(rows), args.batch_size):
+                chunk = rows[first:first + args.batch_size]
+                progress.set_description("sampling")
+                # vLLM seeds sample j of a prompt with its seed + j: prompts sit n apart, as in generate(seed=).
+                batch = engine.generate([r.data["prompt"] for r in chunk],
+                                        seeds=[args.seed + (first + i) * n for i in range(len(chunk))])
+                progress.set_description("scoring")
+                extra = sorted({k for r in chunk for k in r.data if k != "prompt"})
+                scores = rewards.score(
+                    [chunk[s.group].data["prompt"] for s in batch], [s.text for s in batch],
+                    groups=[s.group for s in batch], row_ids=[chunk[s.group].number for s in batch],
+                    completion_ids=[s.completion_ids for s in batch],
+                    **{k: [chunk[s.group].data.get(k) for s in batch] for k in extra})
+                totals = [math.nan if t is None or not math.isfinite(t) else float(t) for t in scores.totals]
+                for group, row in enumerate(chunk):
+                    texts = [s.text for s in batch[group * n:(group + 1) * n]]
+                    values = totals[group * n:(group + 1) * n]
+                    generator = torch.Generator().manual_seed(selection_seed(args.seed, first + group))
+                    pairs = select_pairs(args.selection, torch.tensor(values, dtype=torch.float64),
+                                         num_select=args.num_select, beta=args.beta, generator=generator,
+                                         pairing=args.pairing)
+                    unpaired += not pairs
+                    prompt = row.data["prompt"]
+                    others = {k: v for k, v in row.data.items() if k != "prompt"}
+                    for chosen, rejected in pairs:
+                        record = {"prompt": prompt, "chosen": _completion(prompt, texts[chosen]),
+                                  "rejected": _completion(prompt, texts[rejected]),
+                                  "chosen_reward": values[chosen], "rejected_reward": values[rejected], **others}
+                        out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                        written += 1
+                        chosen_sum += values[chosen]
+                        rejected_sum += values[rejected]
+                progress.update(len(chunk))
     elapsed = time.monotonic() - start
     means = (f"; mean reward chosen {chosen_sum / written:.4f}, rejected {rejected_sum / written:.4f}"
              if written else "")

@@ -12,6 +12,7 @@ before them. The output is written to a temporary file and renamed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,22 @@ class RewardAction(argparse.Action):
             entries[-1]["args"][key] = parsed
         namespace.rewards = entries
 
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path) -> Iterator:
+    """A text file to write ``dst`` through: a temporary file beside it, flushed, synced and moved into place
+    only when the block completes; on any error it is removed and ``dst`` is left as it was."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 def parse_reward_arg(text: str, parser: argparse.ArgumentParser | None = None) -> tuple[str, object]:
     """``k=v`` -> (k, v); v is read as JSON when it parses (numbers, true/false/null, lists), else a string."""
@@ -196,35 +213,27 @@ def run_score(args: argparse.Namespace) -> int:
         for number, row in read_rows(src):
             check_row(src, number, row, columns)
             rows.append((number, row))
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
         totals: list[float] = []
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out, \
-                    tqdm(total=len(rows), desc="scoring", unit="row", file=sys.stderr,
-                         disable=args.no_progress) as progress:
-                for i in range(0, len(rows), args.batch_size):
-                    batch = rows[i:i + args.batch_size]
-                    data = [row for _, row in batch]
-                    try:
-                        result = rewards.score([r.get("prompt", "") for r in data], [r["completion"] for r in data],
-                                               row_ids=[n for n, _ in batch], **batch_columns(data))
-                    except RewardFailure as err:
-                        issue, more = err.issue, f" ({err.others} more in this batch.)" if err.others else ""
-                        raise UserError(f"{src}, row {issue.row}: reward {issue.reward!r} failed ({issue.kind}): "
-                                        f"{issue.message}.{more}", hint=err.hint) from None
-                    for j, row in enumerate(data):
-                        total = _json_number(result.totals[j])
-                        if total is not None:
-                            totals.append(total)
-                        scored = dict(row, reward=total, reward_info=result.reward_info(j))
-                        out.write(json.dumps(scored, ensure_ascii=False, default=str) + "\n")
-                    progress.update(len(batch))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(dst) as out, \
+                tqdm(total=len(rows), desc="scoring", unit="row", file=sys.stderr,
+                     disable=args.no_progress) as progress:
+            for i in range(0, len(rows), args.batch_size):
+                batch = rows[i:i + args.batch_size]
+                data = [row for _, row in batch]
+                try:
+                    result = rewards.score([r.get("prompt", "") for r in data], [r["completion"] for r in data],
+                                           row_ids=[n for n, _ in batch], **batch_columns(data))
+                except RewardFailure as err:
+                    issue, more = err.issue, f" ({err.others} more in this batch.)" if err.others else ""
+                    raise UserError(f"{src}, row {issue.row}: reward {issue.reward!r} failed ({issue.kind}): "
+                                    f"{issue.message}.{more}", hint=err.hint) from None
+                for j, row in enumerate(data):
+                    total = _json_number(result.totals[j])
+                    if total is not None:
+                        totals.append(total)
+                    scored = dict(row, reward=total, reward_info=result.reward_info(j))
+                    out.write(json.dumps(scored, ensure_ascii=False, default=str) + "\n")
+                progress.update(len(batch))
         elapsed = time.monotonic() - start
         mean = f"{sum(totals) / len(totals):.4f}" if totals else "n/a"
         print(f"scored {len(rows)} rows in {elapsed:.1f} s ({len(rows) / max(elapsed, 1e-9):.1f} rows/s); "
