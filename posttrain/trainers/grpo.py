@@ -98,7 +98,7 @@ class GRPOSettings(OnlineSettings):
         if self.token_level:
             if "values" in algorithms.TOKEN_ADVANTAGE_ESTIMATORS.needs(self.estimator):
                 raise ConfigError(f"grpo.estimator: {self.estimator} in {source} needs a critic's values, which GRPO "
-                                  "does not train.", hint="Use trainer: ppo (recipes/ppo.yaml) for GAE.")
+                                  "does not train.", hint="Use trainer: ppo: recipes/ppo.yaml for gae, recipes/tppo.yaml (ppo.truncated) for egae.")
             check_options(algorithms.TOKEN_ADVANTAGE_ESTIMATORS, self.estimator, self.estimator_args,
                           "grpo.estimator_args", source, supplied=("token_rewards", "mask", "mean", "var"))
             estimators = algorithms.TOKEN_ADVANTAGE_ESTIMATORS
