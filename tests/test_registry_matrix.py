@@ -143,11 +143,31 @@ NEEDS_OTHER_DATA = {
 }
 
 
+# What some losses need besides the loss name: EXO's epsilon; MODPO's weights and the other objectives' rewards.
+LOSS_SETTINGS = {"exo_pair": ["dpo.label_smoothing=0.001"], "modpo": ["dpo.loss_args={modpo_weights: [0.5, 0.5]}"]}
+
+
+def _with_margin_rewards(source: dict, tmp_path) -> dict:
+    """The pairs plus a second objective's rewards (here: the completions' lengths), as MODPO reads them."""
+    import json
+
+    out = {}
+    for split, path in source.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row["margin_rewards_chosen"] = len(json.dumps(row["chosen"])) / 100
+            row["margin_rewards_rejected"] = len(json.dumps(row["rejected"])) / 100
+        out[split] = tmp_path / f"{split}.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", [n for n in algorithms.PREFERENCE_LOSSES if n not in NEEDS_OTHER_DATA])
 def test_every_preference_loss_trains(loss, tiny_model, pairs, tmp_path):  # noqa: F811 - fixture
-    result = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "run", f"dpo.loss_type=[{loss}]",
-                                                  "train.max_steps=2"))
+    data = _with_margin_rewards(pairs, tmp_path) if loss == "modpo" else pairs
+    result = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, data, tmp_path / "run", f"dpo.loss_type=[{loss}]",
+                                                  "train.max_steps=2", *LOSS_SETTINGS.get(loss, [])))
     assert result.returncode == 0, result.stderr[-3000:]
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r and "step" in r]
     assert [r["step"] for r in records][:2] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
@@ -158,3 +178,14 @@ def test_policy_loss_options_are_checked_before_launch(tiny_model, arithmetic_da
                                                     "grpo.policy_loss_args={clip_low: 0.2}"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "kl_cov has no option 'clip_low'" in result.stderr and "kl_cov_ratio" in result.stderr
+
+
+def test_losses_that_need_more_say_so_before_launch(tiny_model, pairs, tmp_path):  # noqa: F811 - fixture
+    exo = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "a", "dpo.loss_type=[exo_pair]"))
+    assert exo.returncode == 2 and "needs 0 < dpo.label_smoothing < 1" in exo.stderr and "Traceback" not in exo.stderr
+    modpo = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "b", "dpo.loss_type=[modpo]"))
+    assert modpo.returncode == 2 and "modpo_weights" in modpo.stderr
+    no_columns = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "c", "dpo.loss_type=[modpo]",
+                                                      "dpo.loss_args={modpo_weights: [0.5, 0.5]}"))
+    assert no_columns.returncode == 2 and "margin_rewards_chosen" in no_columns.stderr
+    assert "Traceback" not in no_columns.stderr

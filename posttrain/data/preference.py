@@ -9,7 +9,8 @@ two token sequences diverge (byte-level BPE can merge across the boundary).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +27,9 @@ class PreferenceExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     margin: float | None = None  # optional per-pair margin (reward-model training)
+    # MODPO: the other objectives' rewards of chosen and of rejected (K - 1 each), from the data's
+    # margin_rewards_chosen / margin_rewards_rejected columns
+    margin_rewards: tuple[list[float], list[float]] | None = None
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,7 +64,35 @@ def preference_example(tokenizer, row: Row) -> PreferenceExample:
     margin = row.data.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise InvalidRow(f"{row.where}: field 'margin' must be a number, got {margin!r}.")
-    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, None if margin is None else float(margin))
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, None if margin is None else float(margin),
+                             margin_rewards(row))
+
+
+def _reward_list(row: Row, field: str) -> list[float]:
+    value = row.data[field]
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                         for v in values):
+        raise InvalidRow(f"{row.where}: field {field!r} must be a finite number or a non-empty list of them, "
+                         f"got {value!r}.")
+    return [float(v) for v in values]
+
+
+def margin_rewards(row: Row) -> tuple[list[float], list[float]] | None:
+    """MODPO's per-pair rewards of the other objectives: ``margin_rewards_chosen`` and ``margin_rewards_rejected``
+    (a number each, or lists of the same length), or None when the row has neither."""
+    fields = ("margin_rewards_chosen", "margin_rewards_rejected")
+    present = [f for f in fields if row.data.get(f) is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        missing = next(f for f in fields if f not in present)
+        raise InvalidRow(f"{row.where}: field {present[0]!r} is set but {missing!r} is missing; MODPO needs both.")
+    chosen, rejected = (_reward_list(row, f) for f in fields)
+    if len(chosen) != len(rejected):
+        raise InvalidRow(f"{row.where}: 'margin_rewards_chosen' has {len(chosen)} values but "
+                         f"'margin_rewards_rejected' has {len(rejected)}.")
+    return chosen, rejected
 
 
 def completion_room(prompt_length: int, longest_completion: int, max_length: int, policy: str, where: str,
@@ -97,7 +129,7 @@ def fit_preference(example: PreferenceExample, max_length: int, policy: str, whe
     room = completion_room(len(example.prompt_ids), longest, max_length, policy, where, report)
     if room is None or room == longest:
         return None if room is None else example
-    return PreferenceExample(example.prompt_ids, example.chosen_ids[:room], example.rejected_ids[:room], example.margin)
+    return replace(example, chosen_ids=example.chosen_ids[:room], rejected_ids=example.rejected_ids[:room])
 
 
 def collate_preference(examples: list[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -85,6 +85,12 @@ class DPOSettings:
                 close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f"Did you mean {close[0]!r}?" if close else f"Valid: {', '.join(sorted(known))}."
                 raise ConfigError(f"unknown dpo.loss_type {name!r} in {source}.", hint=hint)
+        if "exo_pair" in self.loss_type and not 0 < self.label_smoothing < 1:
+            raise ConfigError(f"dpo.loss_type exo_pair in {source} needs 0 < dpo.label_smoothing < 1 (EXO's epsilon, "
+                              f"e.g. 1e-3), got {self.label_smoothing}.")
+        if "modpo" in self.loss_type and "modpo_weights" not in self.loss_args:
+            raise ConfigError(f"dpo.loss_type modpo in {source} needs dpo.loss_args.modpo_weights: [w_0, w_1, ...], the "
+                              "weight of this preference (w_0 > 0) and of each margin reward in the data.")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(f"dpo.loss_weights in {source} needs one weight per loss_type ({len(self.loss_type)}).")
 
@@ -105,6 +111,8 @@ def preflight(cfg: Config, world_size: int, source: str) -> None:
     check_batch_sizes(cfg.train, world_size, source)
     check_output_dir(cfg)
     train, _, _, _ = prepare_data(cfg, load_tokenizer(cfg.model, cfg.data.chat_template))
+    if "modpo" in cfg.dpo.loss_type:
+        modpo_margin_rewards(train)  # every row carries the other objectives' rewards
     if len(train) < cfg.train.global_batch_size:
         raise DataError(f"{cfg.data.path}: {len(train)} valid pairs are fewer than one global batch "
                         f"(train.global_batch_size={cfg.train.global_batch_size}).")
@@ -135,6 +143,19 @@ def reference_pair_logps(reference: FrozenReference, batch: dict[str, torch.Tens
     return {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
 
 
+def modpo_margin_rewards(examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+    """MODPO's margin rewards [B, K-1] of chosen and rejected, from the data's columns."""
+    missing = next((i for i, e in enumerate(examples) if e.margin_rewards is None), None)
+    if missing is not None:
+        raise DataError("dpo.loss_type modpo needs the columns margin_rewards_chosen and margin_rewards_rejected on "
+                        "every row (the other objectives' rewards of each completion, e.g. from posttrain score).")
+    widths = {len(e.margin_rewards[0]) for e in examples}
+    if len(widths) > 1:
+        raise DataError(f"dpo.loss_type modpo: rows have different numbers of margin rewards ({sorted(widths)}).")
+    return {"margin_rewards_chosen": torch.tensor([e.margin_rewards[0] for e in examples]),
+            "margin_rewards_rejected": torch.tensor([e.margin_rewards[1] for e in examples])}
+
+
 def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-pair loss: the weighted sum of the configured preference losses.
 
@@ -144,7 +165,9 @@ def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.
     return algorithms.preference_loss(
         settings.loss_type, logps["chosen"], logps["rejected"], logps.get("ref_chosen"), logps.get("ref_rejected"),
         beta=settings.beta, label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights,
-        chosen_lengths=logps["chosen_len"], rejected_lengths=logps["rejected_len"], **settings.loss_args)
+        chosen_lengths=logps["chosen_len"], rejected_lengths=logps["rejected_len"],
+        **{k: logps[k] for k in ("margin_rewards_chosen", "margin_rewards_rejected") if k in logps},
+        **settings.loss_args)
 
 
 def build_policy(cfg: RecipeConfig, dist: DistInfo, grad_accum: int, total_steps: int):
@@ -266,6 +289,8 @@ class Recipe:
         """Policy (and reference) log-prob sums and lengths for a micro-batch of pairs."""
         batch = collate_preference(examples, self.tokenizer.pad_token_id)
         out = policy_pair_logps(self.learner, batch)
+        if "modpo" in self.cfg.dpo.loss_type:
+            out.update(modpo_margin_rewards(examples))
         if self.cached_reference is not None:
             ref = self.cached_reference[split][indices]
             out["ref_chosen"], out["ref_rejected"] = ref[:, 0], ref[:, 1]
