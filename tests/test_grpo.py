@@ -57,6 +57,7 @@ def test_grpo_runs_with_vllm_and_syncs(tiny_model, arithmetic_data, tmp_path):
     assert (out / "checkpoints" / "last" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_padding_free_updates_match_padded_ones(tiny_model, arithmetic_data, tmp_path):
     """grpo.padding_free (the default) packs the learner's, the old policy's and the reference's forwards:
     the same losses, KL, gradient norms and sampler agreement as padding every sequence to the longest."""
@@ -159,6 +160,7 @@ def test_two_processes_zero3_match_one_process(tiny_model, arithmetic_data, tmp_
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_a_clear_error_or_is_skipped(tiny_model, arithmetic_data, tmp_path):
     """A NaN loss at step 2 (injected, as a diverging run would produce): ``stop`` ends the run with exit 3,
     a one-line message and the step-1 checkpoint intact; ``skip`` drops those micro-batches, counts them and

@@ -136,11 +136,7 @@ def test_every_ppo_name_trains(settings, tiny_model, arithmetic_data, tmp_path):
     assert len(steps) == 2 and all(math.isfinite(r["policy_loss"]) for r in steps)
 
 
-# DPO: every preference loss; the ones that need more than pairs say what.
-NEEDS_OTHER_DATA = {
-    "kto": "unpaired data: trainer kto (tests/test_kto.py)",
-    "aot_unpaired": "unpaired data: trainer kto (tests/test_kto.py)",
-}
+# DPO: every preference loss, on pairs.
 
 
 # What some losses need besides the loss name: EXO's epsilon; MODPO's weights and the other objectives' rewards.
@@ -163,7 +159,7 @@ def _with_margin_rewards(source: dict, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", [n for n in algorithms.PREFERENCE_LOSSES if n not in NEEDS_OTHER_DATA])
+@pytest.mark.parametrize("loss", algorithms.PREFERENCE_LOSSES.names())
 def test_every_preference_loss_trains(loss, tiny_model, pairs, tmp_path):  # noqa: F811 - fixture
     data = _with_margin_rewards(pairs, tmp_path) if loss == "modpo" else pairs
     result = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, data, tmp_path / "run", f"dpo.loss_type=[{loss}]",

@@ -238,6 +238,7 @@ OPTIONS = {
     "cispo": {},
     "clip_cov": {"clip_cov_ratio": 0.1, "clip_cov_lb": -10.0, "clip_cov_ub": 10.0},
     "kl_cov": {"kl_cov_ratio": 0.1},
+    "oreal": {"clip_low": 0.2, "clip_high": 0.28},
 }
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
