@@ -274,6 +274,21 @@ def group_advantages(estimator: str, rewards: Tensor, group_size: int, **kwargs:
         return fn(rewards.detach(), group_size, **kwargs)
 
 
+def _gae_scan(rewards: Tensor, vals: Tensor, m: Tensor, last_value: Tensor, gamma: float, lam: float) -> Tensor:
+    """The GAE recursion from the end, skipping masked-out positions; ``last_value`` [B] is V after the last
+    masked-in token (0 for a terminal state)."""
+    next_value, next_adv = last_value, torch.zeros_like(vals[:, 0])
+    out = torch.zeros_like(vals)
+    for t in range(vals.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - vals[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        on = m[:, t]
+        next_value = torch.where(on, vals[:, t], next_value)
+        next_adv = torch.where(on, adv_t, next_adv)
+        out[:, t] = torch.where(on, adv_t, torch.zeros_like(adv_t))
+    return out
+
+
 @TOKEN_ADVANTAGE_ESTIMATORS.register("gae", needs=("values",))
 def gae_advantages(
     token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
@@ -291,18 +306,8 @@ def gae_advantages(
     m = mask.bool()
     rewards = masked_fill_zero(token_rewards, m).detach()
     vals = masked_fill_zero(values, m).detach()
-    next_value = torch.zeros_like(vals[:, 0])
-    next_adv = torch.zeros_like(vals[:, 0])
-    out = torch.zeros_like(vals)
-    for t in range(vals.shape[1] - 1, -1, -1):
-        delta = rewards[:, t] + gamma * next_value - vals[:, t]
-        adv_t = delta + gamma * lam * next_adv
-        on = m[:, t]
-        next_value = torch.where(on, vals[:, t], next_value)
-        next_adv = torch.where(on, adv_t, next_adv)
-        out[:, t] = torch.where(on, adv_t, torch.zeros_like(adv_t))
-    returns = masked_fill_zero(out + vals, m)
-    return out, returns
+    out = _gae_scan(rewards, vals, m, torch.zeros_like(vals[:, 0]), gamma, lam)
+    return out, masked_fill_zero(out + vals, m)
 
 
 @TOKEN_ADVANTAGE_ESTIMATORS.register("egae", needs=("values", "truncated", "bootstrap_values"))
@@ -342,15 +347,7 @@ def egae_advantages(
     cut = truncated.to(device=vals.device, dtype=torch.bool)
     boot = bootstrap_values.detach().to(device=vals.device, dtype=vals.dtype)
     next_value = torch.where(cut, boot, torch.zeros_like(boot))  # V after the last token: V(s_T) or terminal 0
-    next_adv = torch.zeros_like(vals[:, 0])
-    out = torch.zeros_like(vals)
-    for t in range(vals.shape[1] - 1, -1, -1):
-        delta = rewards[:, t] + gamma * next_value - vals[:, t]
-        adv_t = delta + gamma * lam * next_adv
-        on = m[:, t]
-        next_value = torch.where(on, vals[:, t], next_value)
-        next_adv = torch.where(on, adv_t, next_adv)
-        out[:, t] = torch.where(on, adv_t, torch.zeros_like(adv_t))
+    out = _gae_scan(rewards, vals, m, next_value, gamma, lam)
     return out, masked_fill_zero(out + vals, m)
 
 
