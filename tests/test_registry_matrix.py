@@ -140,7 +140,7 @@ def test_every_ppo_name_trains(settings, tiny_model, arithmetic_data, tmp_path):
 
 
 # What some losses need besides the loss name: EXO's epsilon; MODPO's weights and the other objectives' rewards.
-LOSS_SETTINGS = {"exo_pair": ["dpo.label_smoothing=0.001"], "modpo": ["dpo.loss_args={modpo_weights: [0.5, 0.5]}"]}
+LOSS_SETTINGS = {"exo_pair": ["dpo.label_smoothing=0.001"], "kto": ["dpo.loss_args={kl: 0.0}"], "modpo": ["dpo.loss_args={modpo_weights: [0.5, 0.5]}"]}
 
 
 def _with_margin_rewards(source: dict, tmp_path) -> dict:
@@ -179,6 +179,8 @@ def test_policy_loss_options_are_checked_before_launch(tiny_model, arithmetic_da
 def test_losses_that_need_more_say_so_before_launch(tiny_model, pairs, tmp_path):  # noqa: F811 - fixture
     exo = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "a", "dpo.loss_type=[exo_pair]"))
     assert exo.returncode == 2 and "needs 0 < dpo.label_smoothing < 1" in exo.stderr and "Traceback" not in exo.stderr
+    kto = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "k", "dpo.loss_type=[kto]"))
+    assert kto.returncode == 2 and "dpo.loss_args.kl" in kto.stderr and "Traceback" not in kto.stderr
     modpo = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "b", "dpo.loss_type=[modpo]"))
     assert modpo.returncode == 2 and "modpo_weights" in modpo.stderr
     no_columns = run_cli("run", DPO_RECIPE, *dpo_args(tiny_model, pairs, tmp_path / "c", "dpo.loss_type=[modpo]",

@@ -88,6 +88,10 @@ class DPOSettings:
         if "exo_pair" in self.loss_type and not 0 < self.label_smoothing < 1:
             raise ConfigError(f"dpo.loss_type exo_pair in {source} needs 0 < dpo.label_smoothing < 1 (EXO's epsilon, "
                               f"e.g. 1e-3), got {self.label_smoothing}.")
+        if "kto" in self.loss_type and "kl" not in self.loss_args:
+            raise ConfigError(f"dpo.loss_type kto in {source} needs KTO's reference point z0: set dpo.loss_args.kl "
+                              "(a fixed value, e.g. 0.0), or use trainer: kto (recipes/kto.yaml), which estimates it "
+                              "from mismatched pairs every step.")
         if "modpo" in self.loss_type and "modpo_weights" not in self.loss_args:
             raise ConfigError(f"dpo.loss_type modpo in {source} needs dpo.loss_args.modpo_weights: [w_0, w_1, ...], the "
                               "weight of this preference (w_0 > 0) and of each margin reward in the data.")
