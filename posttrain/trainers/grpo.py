@@ -321,7 +321,8 @@ class Recipe:
         if g.dynamic_sampling:
             keep = algorithms.dynamic_sampling_mask(task_rewards, n)  # before any KL in the reward
         if g.pf_ppo != "off":  # advantages come from the whole group; only the filtered samples train
-            keep &= online.policy_filtration_keep(g.pf_ppo, task_rewards, n, seed=cfg.seed, step=step)
+            keep &= online.policy_filtration_keep(g.pf_ppo, task_rewards, n, seed=cfg.seed, step=step,
+                                                  rank=self.dist.rank)
         loss_mask = mask * keep[:, None].float()
         weights, tis_metrics = None, {}
         if g.correction().enabled:
@@ -408,8 +409,6 @@ class Recipe:
         completion token, minus kl_coef x the per-token KL with ``kl_in: reward`` (as REINFORCE++ and PPO place
         it), through the estimator; batch statistics (REINFORCE++'s whitening) are those of the step's batch over
         every rank. Unscored samples get no advantage."""
-        from posttrain.trainers.ppo import global_moments
-
         g = self.cfg.grpo
         scored = mask * torch.isfinite(rewards)[:, None].float()
         outcome = torch.nan_to_num(rewards, nan=0.0)
@@ -422,7 +421,7 @@ class Recipe:
         kwargs = dict(g.estimator_args)
         if "batch_stats" in g.estimator_needs():  # whiten with the statistics of the whole step
             returns = algorithms.discounted_returns(token_rewards, scored, gamma=kwargs.get("gamma", 1.0))
-            stats = global_moments(returns, scored)
+            stats = online.global_moments(returns, scored)
             kwargs.update(mean=stats["mean"], var=stats["var"])
         out = algorithms.TOKEN_ADVANTAGE_ESTIMATORS.get(g.estimator)(token_rewards, scored, **kwargs)
         advantages = out[0] if isinstance(out, tuple) else out

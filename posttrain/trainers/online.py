@@ -202,7 +202,19 @@ class OnlineSettings:
             raise ConfigError(f"{self.section}.prompts_per_step in {source} must be at least 1, got {self.prompts_per_step}.")
 
 
-def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed: int, step: int) -> torch.Tensor:
+def global_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean, population variance, min and max of the masked entries over every rank."""
+    values = x.detach()[mask.bool()].double()
+    count, total, total_sq = all_reduce_sum([float(values.numel()), float(values.sum()), float((values * values).sum())])
+    high, neg_low = all_reduce_max([float(values.max()) if values.numel() else -float("inf"),
+                                    float(-values.min()) if values.numel() else -float("inf")])
+    mean = total / max(count, 1.0)
+    return {"mean": mean, "var": max(total_sq / max(count, 1.0) - mean * mean, 0.0), "min": -neg_low, "max": high,
+            "count": count}
+
+
+def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed: int, step: int,
+                           rank: int) -> torch.Tensor:
     """This rank's PF-PPO keep mask [B] (``posttrain.algorithms.pf_ppo_filter``), drawn on the step's batch
     gathered from every rank with a generator seeded by the run seed and the step, so 1 and N processes keep
     the same samples. ``rewards`` [B]: this rank's rewards, group-major with ``n`` per prompt. (PF-PPO,
@@ -212,7 +224,7 @@ def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed
     everyone = all_gather_rows(rewards)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     keep = pf_ppo_filter(everyone, n, strategy=strategy, generator=generator)
-    first = (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) * rewards.shape[0]
+    first = rank * rewards.shape[0]
     return keep[first : first + rewards.shape[0]]
 
 

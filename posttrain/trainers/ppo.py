@@ -64,7 +64,7 @@ import torch
 
 from posttrain import algorithms
 from posttrain.config.schema import ConfigError, doc
-from posttrain.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import UserError
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
@@ -289,17 +289,6 @@ def final_state_values(logits: torch.Tensor, completion_mask: torch.Tensor) -> t
     return torch.where(last >= 0, picked, torch.zeros_like(picked))
 
 
-def global_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Mean, population variance, min and max of the masked entries over every rank."""
-    values = x.detach()[mask.bool()].double()
-    count, total, total_sq = all_reduce_sum([float(values.numel()), float(values.sum()), float((values * values).sum())])
-    high, neg_low = all_reduce_max([float(values.max()) if values.numel() else -float("inf"),
-                                    float(-values.min()) if values.numel() else -float("inf")])
-    mean = total / max(count, 1.0)
-    return {"mean": mean, "var": max(total_sq / max(count, 1.0) - mean * mean, 0.0), "min": -neg_low, "max": high,
-            "count": count}
-
-
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
         self.cfg = cfg
@@ -404,7 +393,8 @@ class Recipe:
         loss_mask = mask * (torch.isfinite(scores) | incomplete)[:, None].float()
         keep = torch.ones(len(batch), dtype=torch.bool)
         if p.pf_ppo != "off":  # PF-PPO: only the most reliably rewarded samples of each prompt train
-            keep = online.policy_filtration_keep(p.pf_ppo, scores, cfg.rollout.n, seed=cfg.seed, step=step)
+            keep = online.policy_filtration_keep(p.pf_ppo, scores, cfg.rollout.n, seed=cfg.seed, step=step,
+                                                  rank=self.dist.rank)
             loss_mask = loss_mask * keep[:, None].float()
         old_logprobs, ref_logprobs = online.old_and_ref_logprobs(self.learner, self.reference, tensors,
                                                                  cfg.train.micro_batch_size, temperature,
@@ -420,7 +410,7 @@ class Recipe:
                                                         kind=p.kl_estimator)
         advantages, returns, value_mask = self._advantages(token_rewards, old_values, final_values, loss_mask,
                                                            incomplete)
-        adv_stats = global_moments(advantages, loss_mask)
+        adv_stats = online.global_moments(advantages, loss_mask)
         whitened = (algorithms.masked_whiten(advantages, loss_mask, mean=adv_stats["mean"], var=adv_stats["var"])
                     if p.whiten_advantages else advantages)
         drift = drift_stats(tensors["sampler_logprobs"], old_logprobs, mask)
@@ -456,9 +446,9 @@ class Recipe:
         kl_sum, shaped_sum, seqs = all_reduce_sum([float(seq_kl[scored].sum()), float(shaped[scored].sum()),
                                                    float(scored.sum())])
         kl = kl_sum / max(seqs, 1.0)
-        returns_stats = global_moments(returns, value_mask)  # the critic's targets, where it trains
-        residual = global_moments(returns - old_values, value_mask)
-        value_stats = global_moments(old_values, loss_mask)
+        returns_stats = online.global_moments(returns, value_mask)  # the critic's targets, where it trains
+        residual = online.global_moments(returns - old_values, value_mask)
+        value_stats = online.global_moments(old_values, loss_mask)
         metrics.update({
             "kl": kl, "kl_coef": beta, "reward/shaped_mean": shaped_sum / max(seqs, 1.0),
             "reward/running_mean": self.reward_stats.mean, "reward/running_std": self.reward_stats.std,
