@@ -97,6 +97,11 @@ def test_every_grpo_name_trains(settings, batch_stats, tiny_model, arithmetic_da
     a = _steps(tmp_path / "one")
     assert len(a) == 2 and all(math.isfinite(r["loss"]) for r in a)
     assert a[0]["reward/a"] >= 0 and a[0]["reward/b"] >= 0  # both rewards scored every step
+    pf = next((x.split("=", 1)[1] for x in settings if x.startswith("grpo.pf_ppo=")), None)
+    if pf is not None:  # n = 4: best_of_n keeps 1 sample per prompt, the others 2 (1 where all rewards tie)
+        shares = [r["filtered_share"] for r in a]
+        assert all(x == pytest.approx(0.75) for x in shares) if pf == "best_of_n" else \
+            all(0.5 - 1e-9 <= x <= 0.75 + 1e-9 for x in shares), shares
     if not batch_stats:
         return
     two = run_cli("run", GRPO_RECIPE, "--nproc", "2", *common, f"output_dir={tmp_path / 'two'}")
