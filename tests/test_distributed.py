@@ -80,7 +80,9 @@ def test_disaggregated_matches_one_process(nproc, zero_stage, common, one_proces
     assert_same_run(one_process, steps)
     for record in steps.values():
         assert record["drift/abs_diff_max"] < 1e-3  # the rollout rank sampled with the learner's weights
-        assert record["sync/num_buckets"] >= 1 and record["sync/remote_peak_bytes"] > 0
+        # The rollout rank measured its growth while loading (the key is absent when it could not); growth may be
+        # 0 when the received buckets fit in pages the process already holds.
+        assert record["sync/num_buckets"] >= 1 and record["sync/remote_peak_bytes"] >= 0
     assert (out / "checkpoints" / "step-000002" / "model" / "model.safetensors").is_file()
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002" / "rng").iterdir()) == \
         [f"rank-{r}.pt" for r in range(nproc - 1)]  # learner ranks only
