@@ -47,12 +47,16 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
     passed: set[int] = set()
     failures: dict[int, dict] = {}
     done = False
+    ended: tuple[str, str] | None = None
     for line in run.stdout.splitlines():
         if not line.startswith(nonce + " "):
             continue
         kind, _, rest = line[len(nonce) + 1:].partition(" ")
         if kind == "DONE":
             done = True
+        elif kind == "ENDED":
+            how, _, code = rest.partition(" ")
+            ended = (how, code)
         elif kind in ("PASS", "FAIL"):
             index, _, payload = rest.partition(" ")
             if not index.isdigit() or int(index) >= total:
@@ -69,6 +73,11 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
         info["verdict"] = "memory"
     elif done:
         info["verdict"] = "failed"
+    elif ended is not None and run.status == "exited":
+        how, code = ended
+        info["verdict"] = "crashed" if how == "signal" else "exited_early"
+        info["detail"] = (f"the solution's process was killed by signal {code}" if how == "signal" else
+                          f"the solution's process ended (exit status {code}) before its tests finished")
     elif run.status == "exited":
         info["verdict"] = "exited_early"
         info["detail"] = f"the program ended (exit status {run.exit_code}) before its tests finished"
@@ -100,8 +109,10 @@ class UnitTestReward:
         Column("entry_point", (str,), "the function the tests check (optional)", required=False),
     )
 
-    def __init__(self, sandbox: Sandbox, workers: int, extract: str, entry_point: str | None) -> None:
+    def __init__(self, sandbox: Sandbox, workers: int, extract: str, entry_point: str | None,
+                 strict: bool = False) -> None:
         self.sandbox = sandbox
+        self.strict = strict
         self.workers = workers
         self.extract = extract
         self.entry_point = entry_point
@@ -118,9 +129,9 @@ class UnitTestReward:
         """The sandbox job for one row, its nonce, and its number of tests."""
         tests = [tests] if isinstance(tests, str) else [str(t) for t in tests]
         nonce = secrets.token_hex(16)
-        payload = {"solution": extract_code(completion_text(completion), self.extract), "tests": tests,
-                   "entry_point": entry_point}
-        files = {"main.py": HARNESS, "job.bin": marshal.dumps(payload)}
+        solution = extract_code(completion_text(completion), self.extract)
+        files = {"main.py": HARNESS, "solution.bin": marshal.dumps(solution),
+                 "tests.bin": marshal.dumps({"tests": tests, "entry_point": entry_point, "strict": self.strict})}
         return Job(files, self.sandbox.python_argv("main.py"), stdin=(nonce + "\n").encode()), nonce, len(tests)
 
     def __call__(self, prompts: list, completions: list, tests: list | None = None,
@@ -153,7 +164,7 @@ class UnitTestReward:
 @reward_factory
 def unit_test(*, workers: int = 2, timeout: float = 10.0, cpu_time: float | None = None, memory_mb: int = 1024,
               output_kb: int = 1024, processes: int = 32, extract: str = "last", entry_point: str | None = None,
-              site_packages: bool = False, python: str | None = None) -> UnitTestReward:
+              site_packages: bool = False, python: str | None = None, strict: bool = False) -> UnitTestReward:
     """Build the reward.
 
     ``workers``: programs run at once; ``timeout``: wall-clock seconds per program (``cpu_time``
@@ -161,7 +172,8 @@ def unit_test(*, workers: int = 2, timeout: float = 10.0, cpu_time: float | None
     output before the run is stopped; ``processes``: process/thread limit; ``extract``: which
     fenced code block to use (last, first, all, none); ``entry_point``: default for rows without
     the column; ``site_packages``: let the code import installed packages (default: stdlib only);
-    ``python``: interpreter to run the code with (default: the current one).
+    ``python``: interpreter to run the code with (default: the current one); ``strict``: results
+    must be plain data and ``==`` in the tests also compares types (HumanEval-style checks).
     """
     if not isinstance(workers, int) or workers < 1:
         raise UserError(f"unit_test: workers must be a positive integer, got {workers!r}.")
@@ -174,4 +186,6 @@ def unit_test(*, workers: int = 2, timeout: float = 10.0, cpu_time: float | None
     except (TypeError, ValueError) as err:
         raise UserError(f"unit_test: {err}.") from None
     sandbox = Sandbox(limits, python=python, site_packages=site_packages)
-    return UnitTestReward(sandbox, workers, extract, entry_point)
+    if not isinstance(strict, bool):
+        raise UserError(f"unit_test: strict must be true or false, got {strict!r}.")
+    return UnitTestReward(sandbox, workers, extract, entry_point, strict)
