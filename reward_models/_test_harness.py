@@ -9,8 +9,8 @@ neither the judge's stdout (the only place verdicts are written) nor the tests. 
 solution and serves requests: the tests run in the judge process, where every name the solution
 defined is a proxy (``Remote``) whose calls, attribute reads and operators are forwarded to the
 solution process; results come back as plain data (None, bool, int, float, complex, str, bytes,
-and lists, tuples, dicts, sets of them; exact types only, subclasses stay remote), decoded by a
-small decoder of our own that builds nothing else. Whatever the solution does to builtins, frames,
+and lists, tuples, dicts, sets of them; an instance of a subclass of these arrives as the plain
+value it holds), decoded by a small decoder of our own that builds nothing else. Whatever the solution does to builtins, frames,
 ``gc``, ``ctypes``, its memory, descriptors, signal handlers or tracing hooks happens in its own
 process; the judge's comparisons and reports are out of its reach.
 
@@ -87,8 +87,22 @@ def encode(value, to_handle, depth=0):
         items = list(value.items())
         return b"d" + _u32(len(items)) + b"".join(
             encode(k, to_handle, depth + 1) + encode(v, to_handle, depth + 1) for k, v in items)
+    for base, plain in _PLAIN_VALUE:
+        if issubclass(kind, base):  # type(), not isinstance(): a spoofed __class__ does not count
+            return encode(plain(value), to_handle, depth + 1)
     ident, type_name = to_handle(value)
     return b"h" + ident.to_bytes(8, "big") + _text(type_name)
+
+
+# Instances of subclasses of the plain types travel as their plain value, read through the base type's
+# own methods: an int subclass whose __eq__ says True arrives as the int it holds.
+_PLAIN_VALUE = (
+    (int, int.__int__), (float, float.__float__), (complex, complex.__complex__), (str, str.__str__),
+    (bytes, lambda v: bytes(memoryview(v))), (bytearray, lambda v: bytearray(memoryview(v))),
+    (list, lambda v: list(list.__iter__(v))), (tuple, lambda v: tuple(tuple.__iter__(v))),
+    (set, lambda v: set(set.__iter__(v))), (frozenset, lambda v: frozenset(frozenset.__iter__(v))),
+    (dict, lambda v: dict(dict.items(v))),
+)
 
 
 class Decoder:
