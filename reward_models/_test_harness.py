@@ -19,7 +19,12 @@ Judge-process report lines on stdout (the judge counts only these):
     <nonce> PASS <i>            test i ran to its end
     <nonce> FAIL <i> <dict>     test i raised (type, message, line), as a Python literal
     <nonce> ENDED <how> <n>     the solution process ended early ("exited" status n, or "signal" n)
+    <nonce> CPU <seconds>       CPU time of every process but the judge, counted by the kernel
     <nonce> DONE                every test ran
+
+The CPU time (``code_efficiency`` uses it) is the kernel's account of the solution process and
+everything it started: the judge is pid 1 of the sandbox's pid namespace, so orphans come to it;
+at the end it kills and reaps them all and reads ``RUSAGE_CHILDREN``.
 
 ``strict`` (HumanEval-style checks): results must be plain data, and ``==``/``!=`` in the tests
 also compare types, recursively (``1 != 1.0 != True``, ``[1] != (1,)``). Without it a result that
@@ -534,6 +539,26 @@ def protect_judge():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+def cpu_of_the_rest(pid):
+    """Kill the solution process and whatever it started, reap them, and return their CPU seconds."""
+    import resource
+    import signal
+    for target in ((-1, pid) if os.getpid() == 1 else (pid,)):  # -1 from pid 1: the whole namespace
+        try:
+            os.kill(target, signal.SIGKILL)
+        except OSError:
+            pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main():
     nonce = sys.stdin.readline().strip()
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -580,8 +605,10 @@ def main():
         info = dict(_describe(err), solution=True)
         for i in range(total):
             report("FAIL", str(i), repr(info))
-    if link.ended is not None:
-        report("ENDED", *map(str, link.ended))
+    ended = link.ended
+    report("CPU", f"{cpu_of_the_rest(pid):.6f}")
+    if ended is not None:
+        report("ENDED", *map(str, ended))
     else:
         report("DONE")
     sys.stdout.flush()

@@ -23,6 +23,7 @@ BUILTINS: dict[str, str] = {
     "math_verify": "reward_models.math_answer:math_verify",
     "bleu": "reward_models.bleu:bleu",
     "unit_test": "reward_models.unit_test:unit_test",
+    "code_efficiency": "reward_models.code_efficiency:code_efficiency",
     "format": "reward_models.format_reward:format_reward",
     "length": "reward_models.length:length",
     "orm": "reward_models.orm:orm",

@@ -48,6 +48,7 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
     failures: dict[int, dict] = {}
     done = False
     ended: tuple[str, str] | None = None
+    cpu: float | None = None
     for line in run.stdout.splitlines():
         if not line.startswith(nonce + " "):
             continue
@@ -57,6 +58,11 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
         elif kind == "ENDED":
             how, _, code = rest.partition(" ")
             ended = (how, code)
+        elif kind == "CPU":
+            try:
+                cpu = float(rest)
+            except ValueError:
+                cpu = None
         elif kind in ("PASS", "FAIL"):
             index, _, payload = rest.partition(" ")
             if not index.isdigit() or int(index) >= total:
@@ -97,6 +103,8 @@ def judge(run: RunResult, nonce: str, total: int) -> tuple[float, dict]:
         if run.stderr:
             info["stderr"] = run.stderr[-_STDERR_TAIL:]
     info["wall_seconds"] = round(run.wall_seconds, 3)
+    if cpu is not None:
+        info["solution_cpu_seconds"] = cpu
     return len(passed) / total, info
 
 
