@@ -111,3 +111,18 @@ def test_a_prm_weights_into_the_code_reward(tiny_model, tmp_path):
         assert 0.0 < scores.scores["prm"][i] < 1.0
         assert total == pytest.approx(scores.scores["unit_test"][i] + 0.2 * scores.scores["prm"][i])
         assert scores.info[i]["prm"]["steps"] == 4  # ```python, def line, return line, closing fence
+
+
+@pytest.mark.slow
+def test_code_efficiency_recipe_runs_grpo(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", str(REPO / "recipes" / "code_efficiency.yaml"), f"model.path={tiny_model}",
+                     f"output_dir={out}", "train.max_steps=2", "rollout.n=4", "rollout.max_tokens=32",
+                     "train.global_batch_size=12", "train.micro_batch_size=12", "train.eval_every=0",
+                     "checkpoint.every_n_steps=0", "logging.progress=false", "logging.tensorboard=false",
+                     "logging.plots=false", "grpo.rewards=[{name: code_efficiency, args: {repeats: 2, timeout: 5}}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:  # a random model's text fails its tests: scored (0.0), never unscored
+        assert record["reward/unscored"] == 0 and 0.0 <= record["reward/code_efficiency"] <= 1.0
