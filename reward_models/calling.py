@@ -16,6 +16,7 @@ Where a call runs (``isolation``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import numbers
@@ -91,21 +92,28 @@ async def in_thread(fn, *args, timeout: float | None, **kwargs) -> Outcome:
 
 
 async def call(reward: Reward, prompts: list, completions: list, columns: Mapping[str, list], *,
-               timeout: float | None, isolation: str = "thread", worker=None) -> Outcome:
-    """Call ``reward`` on a batch within ``timeout`` seconds (None: no limit)."""
+               timeout: float | None, isolation: str = "thread", worker=None,
+               trainer_state: object = None) -> Outcome:
+    """Call ``reward`` on a batch within ``timeout`` seconds (None: no limit).
+
+    The arguments follow ``reward_models.convention`` (by keyword, as TRL); a signature they do not fit
+    raises its ``UserError`` here, before the call, whatever the failure policy.
+    """
+    args, kwargs = reward.arguments(prompts, completions, columns, trainer_state)
     if isolation == "process":  # the worker enforces the limit itself, by killing its process
         outcome = await in_thread(worker.call, prompts, completions, dict(columns), timeout=None,
-                                  call_timeout=timeout)
+                                  call_timeout=timeout, trainer_state=trainer_state)
         return outcome.value if outcome.kind == "ok" else outcome
     if reward.is_async:
         try:
-            value = await asyncio.wait_for(reward(prompts, completions, **columns), timeout)
+            value = await asyncio.wait_for(reward.fn(*args, **kwargs), timeout)
         except asyncio.TimeoutError:
             return Outcome("timeout", message=f"no result after {timeout:g} s")
         except Exception as err:  # noqa: BLE001 - reported, with the policy applied by the caller
             return Outcome("error", message=describe_exception(err))
         return Outcome("ok", value)
-    return await in_thread(reward, prompts, completions, timeout=timeout, **columns)
+    # bound first: a column may be named like one of in_thread's own parameters (timeout, fn)
+    return await in_thread(functools.partial(reward.fn, *args, **kwargs), timeout=timeout)
 
 
 def _as_float(value: object) -> float | None:

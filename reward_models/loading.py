@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from posttrain.errors import UserError
+from reward_models.convention import CallConvention
 from reward_models.registry import import_attribute, is_factory, lookup
 from reward_models.types import Column
 
@@ -32,9 +33,10 @@ _REWARD_POSITIONALS = ("prompts", "completions")
 
 
 class Reward:
-    """A loaded reward: the callable with TRL's signature plus what it was loaded from.
+    """A loaded reward: the reward callable plus what it was loaded from.
 
-    Calling it calls the reward function. ``spec`` and ``args`` let a worker process
+    ``reward(prompts, completions, trainer_state=None, **columns)`` (positionally or by keyword, as TRL
+    calls it) calls the reward function by the rule of ``reward_models.convention``. ``spec`` and ``args`` let a worker process
     load the same reward again (``isolation="process"``); ``columns`` lists the
     dataset columns it reads (empty when the function does not declare them).
     """
@@ -47,6 +49,7 @@ class Reward:
         self.spec = spec
         self.args = dict(args or {})
         self.columns = columns
+        self.convention = CallConvention(fn, name)
 
     @property
     def is_async(self) -> bool:
@@ -56,8 +59,14 @@ class Reward:
         # a callable object whose __call__ is a coroutine function
         return callable(target) and inspect.iscoroutinefunction(type(target).__call__)
 
-    def __call__(self, prompts: list, completions: list, **columns):
-        return self.fn(prompts, completions, **columns)
+    def arguments(self, prompts: list, completions: list, columns: Mapping[str, object],
+                  trainer_state: object = None) -> tuple[tuple, dict]:
+        """The (positional, keyword) arguments the function is called with; a ``UserError`` when none fit."""
+        return self.convention.arguments(prompts, completions, columns, trainer_state)
+
+    def __call__(self, prompts: list, completions: list, trainer_state: object = None, **columns):
+        args, kwargs = self.arguments(prompts, completions, columns, trainer_state)
+        return self.fn(*args, **kwargs)
 
     def close(self) -> None:
         """Release what the reward holds (worker pools, models), when it holds anything."""

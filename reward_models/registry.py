@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
 from importlib import metadata
 
@@ -45,7 +46,12 @@ def reward_factory(fn):
 
 
 def is_factory(obj: object) -> bool:
-    return bool(getattr(obj, _FACTORY_FLAG, False))
+    """Marked with ``@reward_factory``, or one of TRL's reward factories (``trl.rewards.get_*``, such as
+    ``get_soft_overlong_punishment``: settings in, reward function out)."""
+    if getattr(obj, _FACTORY_FLAG, False):
+        return True
+    module, name = getattr(obj, "__module__", None) or "", getattr(obj, "__name__", None) or ""
+    return inspect.isfunction(obj) and module.split(".")[:2] == ["trl", "rewards"] and name.startswith("get_")
 
 
 def register_reward(name: str, obj: object = None, *, overwrite: bool = False):

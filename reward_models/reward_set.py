@@ -281,8 +281,11 @@ class RewardSet:
 
     def score(self, prompts: Sequence, completions: Sequence, *, groups: Sequence[Hashable] | None = None,
               row_ids: Sequence[int] | None = None, reduce_sum: Callable | None = None,
-              **columns: Sequence) -> BatchScores:
+              trainer_state: object = None, **columns: Sequence) -> BatchScores:
         """Score a batch; ``columns`` are the dataset's extra columns (and ``completion_ids``), batched.
+
+        Each reward is called by keyword as TRL calls it (``reward_models.convention``), with
+        ``trainer_state`` (a ``TrainerState`` in training, None otherwise) passed as is.
 
         ``groups`` (one id per sample) scopes the ``normalize`` rule; ``row_ids`` are the
         row numbers used in issues and errors (default: 0..n-1); ``reduce_sum`` sums a list of floats
@@ -291,7 +294,7 @@ class RewardSet:
         inside a running event loop (it then runs on a helper thread).
         """
         coroutine = self.ascore(prompts, completions, groups=groups, row_ids=row_ids, reduce_sum=reduce_sum,
-                                **columns)
+                                trainer_state=trainer_state, **columns)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -313,7 +316,8 @@ class RewardSet:
 
     async def ascore(self, prompts: Sequence, completions: Sequence, *,
                      groups: Sequence[Hashable] | None = None, row_ids: Sequence[int] | None = None,
-                     reduce_sum: Callable | None = None, **columns: Sequence) -> BatchScores:
+                     reduce_sum: Callable | None = None, trainer_state: object = None,
+                     **columns: Sequence) -> BatchScores:
         """``score`` for callers that are already async."""
         n = len(prompts)
         if len(completions) != n:
@@ -323,7 +327,7 @@ class RewardSet:
                 raise ValueError(f"column {name!r} has {len(column)} values for {n} samples")
         ids = list(row_ids) if row_ids is not None else list(range(n))
         batch = (list(prompts), list(completions), {k: list(v) for k, v in columns.items()})
-        results = await asyncio.gather(*(self._score_one(e, *batch) for e in self._entries))
+        results = await asyncio.gather(*(self._score_one(e, *batch, trainer_state) for e in self._entries))
         scores: dict[str, list[float | None]] = {}
         info: list[dict[str, dict]] = [{} for _ in range(n)]
         issues: list[RewardIssue] = []
@@ -360,10 +364,10 @@ class RewardSet:
                                     reduce_sum=reduce_sum)
         return combine(columns, weights, self.rule, groups)
 
-    async def _score_one(self, entry: _Entry, prompts: list, completions: list,
-                         columns: dict) -> tuple[list[float | None], list[dict], list[RowProblem]]:
+    async def _score_one(self, entry: _Entry, prompts: list, completions: list, columns: dict,
+                         trainer_state: object = None) -> tuple[list[float | None], list[dict], list[RowProblem]]:
         n = len(prompts)
-        outcome = await self._call(entry, prompts, completions, columns)
+        outcome = await self._call(entry, prompts, completions, columns, trainer_state)
         if outcome.kind == "ok":
             return check_values(outcome.value, n)
         if outcome.kind == "timeout" or n == 1:
@@ -375,7 +379,7 @@ class RewardSet:
         problems: list[RowProblem] = []
         for i in range(n):
             one = await self._call(entry, prompts[i:i + 1], completions[i:i + 1],
-                                   {k: v[i:i + 1] for k, v in columns.items()})
+                                   {k: v[i:i + 1] for k, v in columns.items()}, trainer_state)
             if one.kind == "ok":
                 values, row_info, row_problems = check_values(one.value, 1)
             else:
@@ -385,9 +389,10 @@ class RewardSet:
             problems += [RowProblem(i, p.kind, p.message) for p in row_problems]
         return column, details, problems
 
-    async def _call(self, entry: _Entry, prompts: list, completions: list, columns: dict) -> Outcome:
+    async def _call(self, entry: _Entry, prompts: list, completions: list, columns: dict,
+                    trainer_state: object = None) -> Outcome:
         return await call(entry.reward, prompts, completions, columns, timeout=entry.timeout,
-                          isolation=entry.isolation, worker=entry.worker)
+                          isolation=entry.isolation, worker=entry.worker, trainer_state=trainer_state)
 
     def _count(self, label: str, column: list[float | None], failed: set[int]) -> None:
         with self._stats_lock:

@@ -31,9 +31,10 @@ def preload(spec: str, args: dict) -> None:
     load(spec, args)
 
 
-def run_reward(spec: str, args: dict, prompts: list, completions: list, columns: dict):
-    """Runs in the worker process: call the reward (loading it first if needed)."""
-    value = load(spec, args)(prompts, completions, **columns)
+def run_reward(spec: str, args: dict, prompts: list, completions: list, columns: dict,
+               trainer_state: object = None):
+    """Runs in the worker process: call the reward (loading it first if needed), by keyword as TRL does."""
+    value = load(spec, args)(prompts, completions, trainer_state=trainer_state, **columns)
     if inspect.isawaitable(value):
         value = asyncio.run(_await(value))
     return value
@@ -54,7 +55,8 @@ class ProcessWorker:
         self.args = reward.args
         self._process = WorkerProcess(f"reward {reward.name!r} worker")
 
-    def call(self, prompts: list, completions: list, columns: dict, call_timeout: float | None) -> Outcome:
+    def call(self, prompts: list, completions: list, columns: dict, call_timeout: float | None,
+             trainer_state: object = None) -> Outcome:
         if not self._process.alive:
             # Loading (imports, a model) is not the reward's call: it gets its own, generous limit.
             loaded = self._process.call("reward_models.worker:preload", self.spec, self.args,
@@ -62,7 +64,7 @@ class ProcessWorker:
             if loaded.kind != "ok":
                 return Outcome(loaded.kind, message=f"loading the reward in its worker: {loaded.message}")
         return self._process.call("reward_models.worker:run_reward", self.spec, self.args, prompts,
-                                  completions, columns, timeout=call_timeout)
+                                  completions, columns, trainer_state, timeout=call_timeout)
 
     def close(self) -> None:
         self._process.close()

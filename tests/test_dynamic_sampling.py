@@ -12,8 +12,9 @@ from tests.test_grpo import RECIPE, grpo_args
 
 # Prompts with an even answer get the same reward for every sample (no signal); odd ones vary with the text.
 HALF_INFORMATIVE = '''
+from reward_models.text import completion_text  # conversational completions are message lists
 def half(prompts, completions, answer, **kw):
-    return [float(len(c) % 2) if int(a) % 2 else 0.0 for c, a in zip(completions, answer)]
+    return [float(len(completion_text(c)) % 2) if int(a) % 2 else 0.0 for c, a in zip(completions, answer)]
 '''
 
 

@@ -14,6 +14,7 @@ RECIPE = str(REPO / "recipes" / "grpo.yaml")
 
 BAD_REWARDS = '''
 import math, time
+from reward_models.text import completion_text  # conversational completions are message lists
 
 def raises(prompts, completions, **kw):
     raise RuntimeError("boom")
@@ -26,10 +27,10 @@ def hangs(prompts, completions, **kw):
     return [0.0 for _ in completions]
 
 def short(prompts, completions, **kw):
-    return [1.0 if len(c) < 20 else 0.0 for c in completions]
+    return [1.0 if len(c) < 20 else 0.0 for c in map(completion_text, completions)]
 
 def varied(prompts, completions, **kw):
-    return [(len(c) % 5) / 4 for c in completions]
+    return [(len(c) % 5) / 4 for c in map(completion_text, completions)]
 '''
 
 
@@ -126,10 +127,12 @@ def test_entry_point_and_file_rewards_work_from_a_recipe(tiny_model, arithmetic_
 
     site = tmp_path / "site"
     site.mkdir()
-    make_dist(site, "exact_plugin", "exact_plugin", "def exact(prompts, completions, answer, **kw):\n"
-              "    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]\n",
+    make_dist(site, "exact_plugin", "exact_plugin", "from reward_models.text import completion_text\ndef exact(prompts, completions, answer, **kw):\n"
+              "    return [1.0 if a in completion_text(c) else 0.0 for c, a in zip(completions, answer)]\n",
               {"exact_answer": "exact_plugin:exact"})
-    (tmp_path / "mine.py").write_text("def brevity(prompts, completions, **kw):\n    return [-len(c) / 100 for c in completions]\n")
+    (tmp_path / "mine.py").write_text("from reward_models.text import completion_text\n"
+                                      "def brevity(prompts, completions, **kw):\n"
+                                      "    return [-len(completion_text(c)) / 100 for c in completions]\n")
     spec = f"grpo.rewards=[{{name: exact_answer}}, {{name: '{tmp_path}/mine.py:brevity', weight: 0.5}}]"
     out = tmp_path / "r"
     result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, out, spec, "train.max_steps=1"),

@@ -14,8 +14,10 @@ from tests.test_grpo import BAD_REWARDS, RECIPE, grpo_args
 
 RECORDING_REWARD = '''
 import json, os
+from reward_models.text import completion_text  # conversational completions are message lists
 
 def recorded(prompts, completions, **kw):
+    completions = [completion_text(c) for c in completions]
     with open(os.environ["REWARD_LOG"], "a") as f:
         f.write(json.dumps({"prompts": list(prompts), "completions": list(completions)}) + "\\n")
     return [(len(c) % 5) / 4 for c in completions]

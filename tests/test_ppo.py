@@ -14,8 +14,9 @@ from tests.conftest import REPO, read_metrics, run_cli
 RECIPE = str(REPO / "recipes" / "ppo.yaml")
 
 REWARDS = '''
+from reward_models.text import completion_text  # conversational completions are message lists
 def varied(prompts, completions, **kw):
-    return [(len(c) % 5) / 4 for c in completions]
+    return [(len(c) % 5) / 4 for c in map(completion_text, completions)]
 '''
 
 # Timings, sync costs and the memory high-water mark differ between runs; everything else must not.

@@ -22,11 +22,12 @@ from tests.test_ppo import ppo_args
 
 # Two rewards that disagree: a length-based one and a count of digits, on different scales.
 TWO_REWARDS = '''
+from reward_models.text import completion_text  # conversational completions are message lists
 def by_length(prompts, completions, **kw):
-    return [(len(c) % 5) / 4 for c in completions]
+    return [(len(c) % 5) / 4 for c in map(completion_text, completions)]
 
 def by_digits(prompts, completions, **kw):
-    return [sum(ch.isdigit() for ch in c) / 4 for c in completions]
+    return [sum(ch.isdigit() for ch in c) / 4 for c in map(completion_text, completions)]
 '''
 
 

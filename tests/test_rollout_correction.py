@@ -51,7 +51,8 @@ def test_grpo_rollout_correction_weights_every_level_and_mode(tiny_model, arithm
 @pytest.fixture
 def ppo_rewards(tmp_path):
     path = tmp_path / "ppo_rewards.py"
-    path.write_text("def varied(prompts, completions, **kw):\n    return [(len(c) % 5) / 4 for c in completions]\n")
+    path.write_text("from reward_models.text import completion_text\ndef varied(prompts, completions, **kw):\n"
+                    "    return [(len(completion_text(c)) % 5) / 4 for c in completions]\n")
     return path
 
 

@@ -20,8 +20,9 @@ from tests.conftest import REPO, read_metrics, run_cli
 RECIPE = str(REPO / "recipes" / "ppo.yaml")
 WINDOW = 4
 REWARDS = '''
+from reward_models.text import completion_text  # conversational completions are message lists
 def varied(prompts, completions, **kw):
-    return [(len(c) % 5) / 4 for c in completions]
+    return [(len(c) % 5) / 4 for c in map(completion_text, completions)]
 '''
 ENV = {"OMP_NUM_THREADS": "1"}
 VOLATILE = ("time/", "sync/")

@@ -39,7 +39,8 @@ def answer_length(*, target: int = 20):
                 scores.append(None)
                 info.append({"skipped": "no answer column"})
                 continue
-            words = len(completion.split())
+            text = completion if isinstance(completion, str) else completion[-1]["content"]
+            words = len(text.split())
             scores.append(max(0.0, 1.0 - abs(words - target) / target))
             info.append({"words": words})
         return RewardOutput(scores, info)

@@ -152,7 +152,8 @@ def run_pairs(args: argparse.Namespace) -> int:
                 progress.set_description("scoring")
                 extra = sorted({k for r in chunk for k in r.data if k != "prompt"})
                 scores = rewards.score(
-                    [chunk[s.group].data["prompt"] for s in batch], [s.text for s in batch],
+                    [chunk[s.group].data["prompt"] for s in batch],
+                    [_completion(chunk[s.group].data["prompt"], s.text) for s in batch],  # TRL's form
                     groups=[s.group for s in batch], row_ids=[chunk[s.group].number for s in batch],
                     completion_ids=[s.completion_ids for s in batch],
                     **{k: [chunk[s.group].data.get(k) for s in batch] for k in extra})

@@ -26,7 +26,7 @@ from pathlib import Path
 from posttrain.data.loading import not_utf8_error
 from posttrain.errors import DataError, UserError
 
-RESERVED = ("prompts", "completions")
+RESERVED = ("prompts", "completions", "trainer_state")  # reward_models.convention.RESERVED_COLUMNS
 _ARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 
 
@@ -124,6 +124,15 @@ def _is_messages(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
 
 
+def reward_completion(row: dict) -> object:
+    """The completion as rewards receive it: as in training (and in TRL), a conversational row's (a prompt of
+    messages) string completion is one assistant message, ``[{"role": "assistant", "content": ...}]``."""
+    completion = row["completion"]
+    if isinstance(completion, str) and _is_messages(row.get("prompt")):
+        return [{"role": "assistant", "content": completion}]
+    return completion
+
+
 def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) for every non-blank line; malformed rows are ``DataError``s naming the line."""
     try:
@@ -163,7 +172,8 @@ def check_row(path: Path, number: int, row: dict, columns: dict) -> None:
                         f"got {type(prompt).__name__}.")
     for name in RESERVED:
         if name in row:
-            raise DataError(f"{where}: field {name!r} is reserved (rewards receive it positionally); rename it.")
+            raise DataError(f"{where}: field {name!r} is reserved (rewards receive an argument of that name); "
+                            "rename it.")
     check_reward_columns(where, row, columns)
 
 
@@ -221,7 +231,7 @@ def run_score(args: argparse.Namespace) -> int:
                 batch = rows[i:i + args.batch_size]
                 data = [row for _, row in batch]
                 try:
-                    result = rewards.score([r.get("prompt", "") for r in data], [r["completion"] for r in data],
+                    result = rewards.score([r.get("prompt", "") for r in data], [reward_completion(r) for r in data],
                                            row_ids=[n for n, _ in batch], **batch_columns(data))
                 except RewardFailure as err:
                     issue, more = err.issue, f" ({err.others} more in this batch.)" if err.others else ""

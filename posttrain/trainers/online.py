@@ -76,15 +76,23 @@ def expand_columns(rows: list[PromptRow], n: int) -> dict[str, list]:
     return {name: [r.columns.get(name) for r in rows for _ in range(n)] for name in names}
 
 
+def reward_completion(prompt: Any, text: str) -> Any:
+    """A sample's completion as rewards receive it, as TRL's GRPOTrainer gives it: for a conversational prompt
+    (messages) a list of one assistant message, ``[{"role": "assistant", "content": text}]``; else the text."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def score_samples(reward_set, rows: list[PromptRow], batch, *, collective: bool = False,
-                  ) -> tuple[torch.Tensor, dict[str, float], Any]:
+                  trainer_state: Any = None) -> tuple[torch.Tensor, dict[str, float], Any]:
     """Rewards [N] (NaN where every reward abstained), per-reward means, and the raw ``BatchScores``.
     ``collective``: every rank scores its part of one step's batch, so batch statistics of the combination
-    (maxmin's objective means) are taken over all of them."""
+    (maxmin's objective means) are taken over all of them. ``trainer_state`` (a
+    ``reward_models.convention.TrainerState``, or None outside training) reaches every reward."""
     n = batch.n
     prompts = [rows[s.group].prompt for s in batch]
-    scores = reward_set.score(prompts, [s.text for s in batch], groups=[s.group for s in batch],
-                              reduce_sum=all_reduce_sum if collective else None,
+    completions = [reward_completion(p, s.text) for p, s in zip(prompts, batch, strict=True)]
+    scores = reward_set.score(prompts, completions, groups=[s.group for s in batch],
+                              reduce_sum=all_reduce_sum if collective else None, trainer_state=trainer_state,
                               completion_ids=[s.completion_ids for s in batch], **expand_columns(rows, n))
     totals = torch.tensor([math.nan if t is None else float(t) for t in scores.totals], dtype=torch.float32)
     means = {}
@@ -97,7 +105,7 @@ def score_samples(reward_set, rows: list[PromptRow], batch, *, collective: bool 
 
 @torch.no_grad()
 def evaluate_generation(engine, rows: list[PromptRow], reward_set, *, n: int = 1, temperature: float = 0.0,
-                        max_tokens: int | None = None, seed: int = 0) -> dict[str, float]:
+                        max_tokens: int | None = None, seed: int = 0, trainer_state: Any = None) -> dict[str, float]:
     """Mean reward and pass@k (share of prompts with at least one sample scoring >= 1) on ``rows``.
 
     A collective engine (a disaggregated run's ``RemoteEngine``) is called even with no rows: every learner
@@ -107,7 +115,7 @@ def evaluate_generation(engine, rows: list[PromptRow], reward_set, *, n: int = 1
     batch = engine.generate([r.prompt for r in rows], n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
     if not rows:
         return {}
-    rewards, means, _ = score_samples(reward_set, rows, batch)
+    rewards, means, _ = score_samples(reward_set, rows, batch, trainer_state=trainer_state)
     finite = torch.nan_to_num(rewards, nan=0.0)
     passed = (finite.view(len(rows), n) >= 1.0).any(dim=1).float().mean().item()
     return {"reward": finite.mean().item(), f"pass@{n}": passed,
@@ -306,6 +314,7 @@ class OnlineRollouts:
         self.staleness = 0  # policy lag of the last batch, in steps
         self.inflight: tuple[int, int] | None = None  # one-step async: (target step, step it was submitted at)
         self.ready: tuple[int, int, Any] | None = None  # ... and once collected, with its batch
+        self.step: int | None = None  # the rollout step of the batch in hand (None before the first)
 
     def start_engine(self) -> None:
         if self.dist.role == "learner":
@@ -338,6 +347,7 @@ class OnlineRollouts:
         prefetch the previous step started (``await_prefetch``), and this call starts the next step's one: the
         rollout ranks generate step t+1 with the weights before step t's update while the learners train on
         step t. ``self.staleness`` is the batch's policy lag in steps (0 on-policy, 1 prefetched)."""
+        self.step = step
         if self.ready is not None and self.ready[0] == step:
             _, submitted_at, batch = self.ready
             self.ready = None
@@ -376,6 +386,7 @@ class OnlineRollouts:
     def generate_refill(self, step: int, round_: int, rows: list[PromptRow]):
         """``rollout.n`` samples per prompt of a refill round, with the weights that sampled the step."""
         self.await_prefetch()  # one-step async: the batch in flight is answered first (and kept)
+        self.step = step
         batch = self.engine.generate([r.prompt for r in rows], n=self.cfg.rollout.n, seed=self._seed(step, round_),
                                      **self._cap())
         self.engine.sleep()
@@ -398,13 +409,25 @@ class OnlineRollouts:
         sampled the step: ReMax's baseline. NaN where no reward scored it."""
         batch = self.engine.generate([r.prompt for r in rows], n=1, temperature=0.0)
         self.engine.sleep()
-        rewards, _, _ = score_samples(self.rewards, rows, batch, collective=True)
+        rewards, _, _ = score_samples(self.rewards, rows, batch, collective=True,
+                                      trainer_state=self.trainer_state())
         return rewards
 
     def score(self, rows: list[PromptRow], batch) -> tuple[torch.Tensor, Any]:
         """Rewards [N] (NaN: unscored) and the raw ``BatchScores``; failures follow ``reward_on_error``."""
-        rewards, _, scores = score_samples(self.rewards, rows, batch, collective=True)
+        rewards, _, scores = score_samples(self.rewards, rows, batch, collective=True,
+                                           trainer_state=self.trainer_state())
         return rewards, scores
+
+    def trainer_state(self, *, evaluation: bool = False):
+        """What rewards get as TRL's ``trainer_state``: ``global_step`` is the rollout steps completed before
+        the batch being scored (an evaluation comes after its step: it counts that step too)."""
+        from reward_models.convention import TrainerState
+
+        done = 0 if self.step is None else self.step + (1 if evaluation else 0)
+        return TrainerState(global_step=done, max_steps=self.cfg.train.max_steps,
+                            is_world_process_zero=self.dist.is_main,
+                            is_local_process_zero=self.dist.local_rank == 0)
 
     def sync(self, learner):
         """Stream the learner's weights into the engine (LoRA: the adapter alone or merged, per
@@ -421,7 +444,8 @@ class OnlineRollouts:
         """Greedy generation on the held-out prompts (sharded over ranks), scored by the run's rewards."""
         rows = self.eval_prompts[self.dist.rank :: self.dist.world_size]
         self.await_prefetch()
-        local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0)
+        local = evaluate_generation(self.engine, rows, self.rewards, n=1, temperature=0.0,
+                                    trainer_state=self.trainer_state(evaluation=True))
         self.engine.sleep()
         keys = ["reward", "pass@1", "completion_tokens"]
         totals = all_reduce_sum([local.get(k, 0.0) * len(rows) for k in keys] + [float(len(rows))])

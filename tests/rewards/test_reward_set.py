@@ -71,7 +71,8 @@ def test_columns_reach_rewards_and_labels_are_unique():
         assert rs.labels == ["reward", "reward_2"]
         result = rs.score(["p", "p"], ["4", "5"], answer=["4", "4"], completion_ids=[[1], [2, 3]], topic=["m", "m"])
     assert result.totals == [2.0, 0.0]
-    assert seen == {"answer": ["4", "4"], "ids": [[1], [2, 3]], "extra": {"topic": ["m", "m"]}}
+    # trainer_state (None outside a trainer) reaches **columns, as TRL passes it to every reward
+    assert seen == {"answer": ["4", "4"], "ids": [[1], [2, 3]], "extra": {"topic": ["m", "m"], "trainer_state": None}}
 
 
 def test_async_rewards_run_concurrently():
