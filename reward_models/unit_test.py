@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import ast
 import marshal
+import os
 import secrets
+import sys
 import threading
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from reward_models.text import completion_text, extract_code
 from reward_models.types import Column, RewardOutput
 
 HARNESS = Path(__file__).with_name("_test_harness.py").read_text()
+# The harness compiled once here: compiling its source in every sandboxed run would cost more than a short test.
+_LOADER = "import marshal\nwith open('harness.bin', 'rb') as f:\n    exec(marshal.load(f))\n"
 MiB = 1024 * 1024
 _STDERR_TAIL = 600
 
@@ -121,6 +125,7 @@ class UnitTestReward:
                  strict: bool = False) -> None:
         self.sandbox = sandbox
         self.strict = strict
+        self._compiled: dict | None = None
         self.workers = workers
         self.extract = extract
         self.entry_point = entry_point
@@ -133,12 +138,22 @@ class UnitTestReward:
                 self._pool = SandboxPool(self.sandbox, self.workers)
             return self._pool
 
+    def _harness_files(self) -> dict:
+        """``main.py`` and, when the sandbox runs this interpreter, the harness as a marshalled code object
+        (marshal's format is per Python version; another interpreter gets the source)."""
+        if self._compiled is None:
+            same = os.path.realpath(self.sandbox.python) in {
+                os.path.realpath(p) for p in (sys.executable, getattr(sys, "_base_executable", sys.executable))}
+            self._compiled = ({"main.py": _LOADER, "harness.bin": marshal.dumps(compile(HARNESS, "main.py", "exec"))}
+                              if same else {"main.py": HARNESS})
+        return self._compiled
+
     def job(self, completion: object, tests: str | list, entry_point: str | None) -> tuple[Job, str, int]:
         """The sandbox job for one row, its nonce, and its number of tests."""
         tests = [tests] if isinstance(tests, str) else [str(t) for t in tests]
         nonce = secrets.token_hex(16)
         solution = extract_code(completion_text(completion), self.extract)
-        files = {"main.py": HARNESS, "solution.bin": marshal.dumps(solution),
+        files = {**self._harness_files(), "solution.bin": marshal.dumps(solution),
                  "tests.bin": marshal.dumps({"tests": tests, "entry_point": entry_point, "strict": self.strict})}
         return Job(files, self.sandbox.python_argv("main.py"), stdin=(nonce + "\n").encode()), nonce, len(tests)
 
