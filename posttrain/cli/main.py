@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "posttrain.cli.tiny",
     "posttrain.cli.data",
     "posttrain.cli.score",
+    "posttrain.cli.serve_reward",
     "posttrain.cli.eval",
     "posttrain.cli.pairs",
 )
