@@ -406,3 +406,28 @@ def test_concurrency_limit_is_respected(fake, concurrency):
 def test_bad_settings_are_user_errors(args, text):
     with pytest.raises(UserError, match=re.escape(text)):
         load_reward("remote", **args)
+
+
+@pytest.mark.slow
+def test_grpo_recipe_scores_through_serve_reward(tiny_model, arithmetic_data, tmp_path):
+    """recipes/grpo_remote_reward.yaml, two tiny steps, with its reward served by a real server (about 25 s)."""
+    from tests.conftest import read_metrics, run_cli
+
+    with serving("--reward", "math_verify", "--reward-arg", "boxed_only=true", "--reward-arg", "workers=1",
+                 log_dir=tmp_path) as server:
+        out = tmp_path / "run"
+        result = run_cli("run", str(REPO / "recipes" / "grpo_remote_reward.yaml"), f"model.path={tiny_model}",
+                         f"data.path={arithmetic_data['train']}", f"data.eval_path={arithmetic_data['test']}",
+                         f"output_dir={out}", "train.max_steps=2", "grpo.prompts_per_step=4", "rollout.n=4",
+                         "rollout.max_tokens=12", "train.global_batch_size=8", "train.micro_batch_size=8",
+                         "grpo.eval_prompts=8", "train.eval_every=0", "logging.progress=false",
+                         "logging.tensorboard=false",
+                         f"grpo.rewards=[{{name: remote, label: math_verify, args: {{url: '{server.url}'}}}}]")
+        assert result.returncode == 0, result.stderr[-3000:]
+        code, log = server.stop()
+    assert code == 0, log
+    steps = [r for r in read_metrics(out) if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all("reward/math_verify" in r for r in steps)
+    assert all(r["reward/issues"] == 0 for r in steps)
+    # 2 steps x 16 samples, and 8 evaluation prompts before and after training, all scored by the server
+    assert "stopped (SIGTERM): {'scored': 48, 'skipped': 0, 'failed': 0}" in log
