@@ -125,13 +125,18 @@ class ScoringService:
             if int(declared) > self.max_body:
                 raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of "
                                       f"{self.max_body} bytes (--max-body-mb); send fewer rows per request.")
+        from starlette.requests import ClientDisconnect
+
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise BadRequest(413, f"request body is over the limit of {self.max_body} bytes (--max-body-mb); "
-                                      "send fewer rows per request.")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise BadRequest(413, f"request body is over the limit of {self.max_body} bytes "
+                                          "(--max-body-mb); send fewer rows per request.")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise BadRequest(400, "the client disconnected before sending the whole body.") from None
         data = b"".join(chunks)
         try:
             text = data.decode("utf-8")

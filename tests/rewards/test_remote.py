@@ -162,6 +162,9 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(bleu_server):
             assert response.status_code == status, (body[:80], response.text)
             message = response.json()["error"]
             assert text in message and "\n" not in message, message
+        # a body without Content-Length (chunked) is cut off as it streams in
+        chunked = client.post(f"{url}/score", content=iter([b'{"rows": [{"completion": "', b"y" * 60_000, b'"}]}']))
+        assert chunked.status_code == 413 and "over the limit" in chunked.json()["error"]
         assert client.get(f"{url}/score").status_code == 405
         health = client.get(f"{url}/health").json()
         assert health["reward"] == "bleu" and health["ready"] is True and health["columns"] == ["references"]
@@ -337,13 +340,13 @@ def test_retries_spent_rows_fail_per_the_policy(fake):
 def test_timeouts_and_refused_connections_are_retried(fake):
     def slow_first(attempt, rows):
         if attempt == 1:
-            time.sleep(1.5)
+            time.sleep(3.0)
         return 200, echo(rows)
 
     server = fake(slow_first)
     start = time.monotonic()
     assert list(_score(load_reward("remote", url=server.url, timeout=0.3, retries=1, backoff=0.0), ["abcd"])) == [4.0]
-    assert server.attempts == 2 and time.monotonic() - start < 1.4
+    assert server.attempts == 2 and time.monotonic() - start < 2.5  # did not wait for the slow reply
 
     hung = fake(lambda attempt, rows: (time.sleep(1.0), (200, echo(rows)))[1])
     out = _score(load_reward("remote", url=hung.url, timeout=0.2, retries=1, backoff=0.0), ["a", "b"])
@@ -382,14 +385,14 @@ def test_a_reply_in_another_format_fails_its_rows(fake):
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_limit_is_respected(fake, concurrency):
     def slow(attempt, rows):
-        time.sleep(0.15)
+        time.sleep(0.25)
         return 200, echo(rows)
 
     server = fake(slow)
     reward = load_reward("remote", url=server.url, batch_size=1, concurrency=concurrency)
-    completions = ["x" * k for k in range(1, 10)]
-    assert list(_score(reward, completions)) == [float(k) for k in range(1, 10)]
-    assert server.attempts == 9
+    completions = ["x" * k for k in range(1, 7)]
+    assert list(_score(reward, completions)) == [float(k) for k in range(1, 7)]
+    assert server.attempts == 6
     assert server.max_in_flight == concurrency
 
 
