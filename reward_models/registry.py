@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "length": "reward_models.length:length",
     "orm": "reward_models.orm:orm",
     "prm": "reward_models.prm:prm",
+    "judge": "reward_models.judge:judge",
     "remote": "reward_models.remote:remote",
 }
 

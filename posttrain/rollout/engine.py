@@ -486,6 +486,44 @@ class RolloutEngine:
         return RolloutBatch(samples, num_prompts=len(token_prompts), n=n, seconds=seconds,
                             temperature=params[0].temperature if params else self.cfg.temperature)
 
+    def next_token_logprobs(self, prompts: Sequence[Prompt], token_ids: Sequence[int]) -> list[list[float]]:
+        """Log-probabilities of ``token_ids`` as the next token after each prompt: one row per prompt, in
+        ``token_ids`` order, each over the full vocabulary (the model's ``log_softmax`` at the last position,
+        whatever the tokens' rank). One greedy step per prompt through vLLM's ``logprob_token_ids``; served
+        with the current weights and adapter, like ``generate``. Used by the ``judge`` reward (yes/no)."""
+        if not self._weights_valid:
+            raise RuntimeError("the rollout engine has no valid weights yet (started without them, or slept at "
+                               "level 2): sync weights into it before scoring with it")
+        if isinstance(prompts, (str, dict)):
+            raise UserError("next_token_logprobs() takes a list of prompts; wrap a single prompt in a list.")
+        wanted = [int(t) for t in token_ids]
+        if not wanted:
+            raise ValueError("next_token_logprobs() needs at least one token id")
+        token_prompts = [self.tokenize(p) for p in prompts]
+        if not token_prompts:
+            return []
+        for i, ids in enumerate(token_prompts):
+            if len(ids) >= self.max_model_len:
+                raise UserError(f"prompt {i} has {len(ids)} tokens; max_model_len ({self.max_model_len}) leaves no "
+                                "room for the next token.")
+        self.wake_up()
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # Greedy: no temperature or truncation applies, so the processed log-probs are the model's own.
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=len(wanted), logprob_token_ids=wanted,
+                                flat_logprobs=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_prompts], params,
+                                    lora_request=self._lora_request, use_tqdm=False)
+        rows = []
+        for i, request in enumerate(outputs):
+            position = request.outputs[0].logprobs[0] if request.outputs and request.outputs[0].logprobs else {}
+            missing = [t for t in wanted if t not in position]
+            if missing:
+                raise RuntimeError(f"vLLM returned no log-prob for token ids {missing} after prompt {i}")
+            rows.append([float(position[t].logprob) for t in wanted])
+        return rows
+
     def _idle_step(self) -> None:
         """Take part in the other data-parallel engines' generate with nothing to ask: vLLM steps its
         external-launcher engines in lock-step (each step agrees over all of them whether work is left), so an

@@ -317,6 +317,23 @@ class OnlineRollouts:
         self.step: int | None = None  # the rollout step of the batch in hand (None before the first)
 
     def start_engine(self) -> None:
+        self._open_engine()
+        self.bind_rewards()
+
+    def bind_rewards(self) -> None:
+        """Hand the started engine to the rewards that ask for it: a reward object with a ``bind_engine(engine)``
+        method (the ``judge`` reward: ``engine: policy`` judges with it, ``engine: own`` starts its own engine
+        then). Rewards in a worker process (``isolation: process``) are not reached."""
+        from reward_models import RewardSpec
+
+        specs = [RewardSpec.from_dict(item, f"{self.settings.section}.rewards[{i}]")
+                 for i, item in enumerate(self.settings.rewards)]
+        for spec, reward in zip(specs, self.rewards.rewards.values(), strict=True):
+            bind = getattr(reward.fn, "bind_engine", None)
+            if spec.isolation == "thread" and callable(bind):
+                bind(self.engine)
+
+    def _open_engine(self) -> None:
         if self.dist.role == "learner":
             from posttrain.rollout.remote import RemoteEngine
 
