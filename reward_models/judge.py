@@ -41,7 +41,6 @@ from reward_models.types import Column, RewardOutput
 RULES = ("tag", "yes_no")
 ENGINES = ("own", "policy")
 CHAT_MODES = ("auto", True, False)
-FIELDS = ("prompt", "completion", "reference")
 # One judge at a time in a process: a reward set calls its rewards concurrently (threads), and two vLLM engines
 # starting or stepping at once in one process hang.
 _ENGINES_LOCK = threading.RLock()
