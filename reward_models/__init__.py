@@ -5,8 +5,10 @@ A reward function has TRL's signature ``f(prompts, completions, **columns) -> li
 conversational prompts, lists of one assistant message), ``completion_ids=``, the dataset's columns and
 ``trainer_state=`` (a ``TrainerState`` in training, None in ``posttrain score``); other signatures follow
 the rule in ``reward_models.convention``, and ``trl.rewards`` functions (factories included) work as
-they are. Find one by name, dotted path, file path or entry point with ``load_reward``; score batches with several weighted rewards through ``RewardSet``.
-Built-ins: math_verify, bleu, unit_test, format, length, orm, prm, judge. See docs/rewards.md.
+they are. Find one by name, dotted path, file path or entry point with ``load_reward``; score batches
+with several weighted rewards through ``RewardSet``.
+Built-ins: math_verify, bleu, unit_test, code_efficiency, format, length, orm, prm, judge, remote.
+See docs/rewards.md.
 """
 
 from reward_models.combine import combine, normalize_column
