@@ -67,18 +67,18 @@ class CodeEfficiencyReward:
         for i, (completion, row_tests, reference, entry) in enumerate(
                 zip(completions, tests, references, entry_points, strict=True)):
             if not row_tests or not reference:
-                pending.append((i, None, None))
+                pending.append((i, None))
                 continue
             runs = {"completion": [], "reference": []}
             for _ in range(self.repeats):  # interleaved: both sides see the same machine load
                 for side, code in (("completion", completion), ("reference", reference)):
                     job, nonce, total = self.runner.job(code, row_tests, entry or self.runner.entry_point)
                     runs[side].append((pool.submit(job), nonce, total))
-            pending.append((i, runs, None))
+            pending.append((i, runs))
         scores: list[float | None] = [None] * len(completions)
         info: list[dict] = [{} for _ in completions]
         errors: dict[int, str] = {}
-        for i, runs, _ in pending:
+        for i, runs in pending:
             if runs is None:
                 info[i] = {"skipped": "no tests or no reference solution"}
                 continue
