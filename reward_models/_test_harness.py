@@ -478,16 +478,17 @@ def typed(value, depth=0):
     return (kind, value)
 
 
+_STRICT_OPS = {"Eq": lambda a, b: typed(a) == typed(b), "NotEq": lambda a, b: typed(a) != typed(b),
+               "Lt": lambda a, b: a < b, "LtE": lambda a, b: a <= b, "Gt": lambda a, b: a > b,
+               "GtE": lambda a, b: a >= b, "Is": lambda a, b: a is b, "IsNot": lambda a, b: a is not b,
+               "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b}
+
+
 def strict_compare(left, *pairs):
     """``left op1 c1 op2 c2 ...`` where ``==``/``!=`` also compare types; comparators are thunks."""
-    import operator
-    ops = {"Eq": lambda a, b: typed(a) == typed(b), "NotEq": lambda a, b: typed(a) != typed(b),
-           "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt, "GtE": operator.ge,
-           "Is": operator.is_, "IsNot": operator.is_not, "In": lambda a, b: a in b,
-           "NotIn": lambda a, b: a not in b}
     for name, thunk in pairs:
         right = thunk()
-        if not ops[name](left, right):
+        if not _STRICT_OPS[name](left, right):
             return False
         left = right
     return True
