@@ -24,34 +24,22 @@ Direct Preference Optimization: Your Language Model is Secretly a Reward Model (
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from posttrain import algorithms
-from posttrain.config.schema import ConfigError, check_batch_sizes, doc
+from posttrain.config.schema import ConfigError, doc
 from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
-from posttrain.data.sampler import GlobalBatchSampler
-from posttrain.distributed import DistInfo, all_reduce_sum
+from posttrain.distributed import DistInfo
 from posttrain.errors import DataError
-from posttrain.faults import maybe_kill
-from posttrain.learner import build_learner
-from posttrain.learner.engine import apply_lora
 from posttrain.learner.logprobs import completion_logprobs
-from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
-from posttrain.trainers.common import (
-    RecipeConfig,
-    accumulate_sums,
-    check_finite_loss,
-    check_output_dir,
-    eval_batches,
-    global_means,
-    seed_everything,
-)
-from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
+from posttrain.trainers import offline
+from posttrain.trainers.common import RecipeConfig, global_means
+from posttrain.trainers.harness import RunHarness, run_identity
+from posttrain.trainers.loop import train_loop
+from posttrain.trainers.policy import build_policy, build_reference
 from posttrain.trainers.reference import (
     FrozenReference,
     cache_key,
@@ -109,17 +97,10 @@ def prepare_data(cfg: Config, tokenizer):
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> None:
-    check_model_path(cfg.model.path)
-    if cfg.dpo.reference_path:
-        check_model_path(cfg.dpo.reference_path)
-    check_batch_sizes(cfg.train, world_size, source)
-    check_output_dir(cfg)
-    train, _, _, _ = prepare_data(cfg, load_tokenizer(cfg.model, cfg.data.chat_template))
+    train = offline.preflight(cfg, world_size, source, lambda tok: prepare_data(cfg, tok), "pairs",
+                              [cfg.dpo.reference_path])
     if "modpo" in cfg.dpo.loss_type:
         modpo_margin_rewards(train)  # every row carries the other objectives' rewards
-    if len(train) < cfg.train.global_batch_size:
-        raise DataError(f"{cfg.data.path}: {len(train)} valid pairs are fewer than one global batch "
-                        f"(train.global_batch_size={cfg.train.global_batch_size}).")
 
 
 # ------------------------------------------------------------------------------------- pure pieces
@@ -174,55 +155,24 @@ def pair_losses(settings: DPOSettings, logps: dict[str, torch.Tensor]) -> torch.
         **settings.loss_args)
 
 
-def build_policy(cfg: RecipeConfig, dist: DistInfo, grad_accum: int, total_steps: int):
-    """The trained causal LM (LoRA-wrapped if configured) under the DeepSpeed learner."""
-    model = load_causal_lm(cfg.model)
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model.lora)
-    return build_learner(model, cfg.learner, world_size=dist.world_size, micro_batch_size=cfg.train.micro_batch_size,
-                         grad_accum=grad_accum, total_steps=total_steps)
-
-
-def build_reference(cfg: RecipeConfig, learner, reference_path: str | None) -> FrozenReference:
-    """The frozen reference: the policy with its LoRA adapter disabled (no second copy), else a copy of
-    ``reference_path`` or of the policy's initial weights (partitioned like the policy under ZeRO-3)."""
-    if cfg.model.lora.enabled and not reference_path:
-        log.info("reference: the policy with its LoRA adapter disabled (no second copy)")
-        return FrozenReference(None, policy=learner)
-    path = reference_path or cfg.model.path
-    log.info("reference: a frozen copy of %s", path)
-    model = load_causal_lm(type(cfg.model)(path=path, dtype=cfg.model.dtype,
-                                           trust_remote_code=cfg.model.trust_remote_code))
-    return FrozenReference(model, zero_stage=cfg.learner.zero_stage)
-
-
 # ------------------------------------------------------------------------------------- the recipe
 
 
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
-        self.cfg = cfg
-        self.dist = dist
-        self.source = source
+        self.cfg, self.dist, self.source = cfg, dist, source
         self.needs_reference = any(name not in REFERENCE_FREE for name in cfg.dpo.loss_type)
 
-    # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        check_output_dir(cfg)
-        self.grad_accum = check_batch_sizes(cfg.train, self.dist.world_size, self.source)
-        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        self.train_set, self.eval_set, report, skipped = prepare_data(cfg, self.tokenizer)
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.global_batch_size, seed=cfg.seed,
-                                          shuffle=cfg.data.shuffle)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
-        log.info("data: %d train / %d eval pairs; %s; invalid rows skipped: %s; %d steps",
-                 len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
-        self.learner = build_policy(cfg, self.dist, self.grad_accum, self.total_steps)
-        self.reference = build_reference(cfg, self.learner, cfg.dpo.reference_path) if self.needs_reference else None
+        self.data = offline.setup_data(cfg, self.dist, self.source, lambda tok: prepare_data(cfg, tok), "pairs")
+        self.tokenizer, self.train_set, self.eval_set = self.data.tokenizer, self.data.train_set, self.data.eval_set
+        self.total_steps = self.data.total_steps
+        self.learner = build_policy(cfg, self.dist, self.data.grad_accum, self.total_steps)
+        self.reference = (build_reference(cfg, self.learner, cfg.dpo.reference_path)
+                          if self.needs_reference else None)
         self.run = RunHarness(cfg, self.dist, run_identity(cfg, losses=cfg.dpo.loss_type))
-        self.run.history["skipped_rows"] = skipped
+        self.run.history["skipped_rows"] = self.data.skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
         self.cached_reference: dict[str, torch.Tensor] | None = None
@@ -255,39 +205,15 @@ class Recipe:
             out[start : start + len(chunk)] = torch.stack([ref["ref_chosen"], ref["ref_rejected"]], dim=1)
         return out
 
-    # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        cfg, run = self.cfg, self.run
-        if run.start_step == 0:
-            run.history["eval_start"] = self.evaluate()
-            run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
-        progress = progress_bar(self.total_steps, run.start_step, self.dist.is_main and cfg.logging.progress)
-        started = time.perf_counter()
-        for step in range(run.start_step, self.total_steps):
-            metrics = self.train_step(step)
-            done = step + 1
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == self.total_steps:
-                evaluation = self.evaluate()
-                metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
-                if done == self.total_steps:
-                    run.history["eval_end"] = evaluation
-            if done % cfg.train.log_every == 0 or done == self.total_steps:
-                run.log(done, metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracy']:.2f}")
-            if should_checkpoint(cfg, done, self.total_steps):
-                run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
-            maybe_kill(done)
-        progress.close()
-        start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
-        if self.dist.is_main and end:
-            log.info("eval reward accuracy %.3f -> %.3f, loss %.4f -> %.4f", start.get("rewards/accuracy", math.nan),
-                     end.get("rewards/accuracy", math.nan), start.get("loss", math.nan), end.get("loss", math.nan))
-        return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
-                           "skipped_rows": run.history.get("skipped_rows"),
-                           "train_seconds": round(time.perf_counter() - started, 2)},
+        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.train_step, self.evaluate, self.save,
                           [["loss", "eval/loss"], ["rewards/accuracy", "eval/rewards/accuracy"],
-                           ["rewards/margin", "eval/rewards/margin"], ["logps/chosen", "logps/rejected"]])
+                           ["rewards/margin", "eval/rewards/margin"], ["logps/chosen", "logps/rejected"]],
+                          progress_keys=("loss", "rewards/accuracy"),
+                          summary=lambda start, end: {"skipped_rows": self.run.history.get("skipped_rows")})
+
+    def save(self, done: int) -> None:
+        self.run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
 
     def pair_logps(self, examples: list[PreferenceExample], indices: list[int], split: str) -> dict[str, torch.Tensor]:
         """Policy (and reference) log-prob sums and lengths for a micro-batch of pairs."""
@@ -311,42 +237,25 @@ class Recipe:
                 "rewards/accuracy": rewards.accuracies, "rewards/margin": rewards.margins,
                 "logps/chosen": logps["chosen"].detach(), "logps/rejected": logps["rejected"].detach()}
 
+    def batch_stats(self, examples: list[PreferenceExample], indices: list[int], split: str) -> tuple[torch.Tensor, dict]:
+        """Per-pair losses [B] and the per-pair statistics of a micro-batch."""
+        logps = self.pair_logps(examples, indices, split)
+        losses = pair_losses(self.cfg.dpo, logps)
+        return losses, {"loss": losses.detach(), **self._reward_stats(logps)}
+
     def train_step(self, step: int) -> dict:
-        cfg, dist = self.cfg, self.dist
-        self.learner.train()
-        # DeepSpeed averages over accumulation steps and ranks; undo both so the step's gradient is
-        # that of the mean per-pair loss over the global batch.
-        scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
-        sums: dict[str, float] = {}
-        for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
-            logps = self.pair_logps([self.train_set[i] for i in ids], ids, "train")
-            losses = pair_losses(cfg.dpo, logps)
-            self.learner.backward(losses.sum() * scale)
-            self.learner.step()
-            accumulate_sums(sums, {"loss": losses.detach(), **self._reward_stats(logps)})
+        cfg = self.cfg
+        micro_batches = offline.micro_batch_ids(self.data, step, self.dist, cfg.train.micro_batch_size)
+        sums = offline.optimizer_step(self.learner, self.data, micro_batches,
+                                      lambda examples, ids: self.batch_stats(examples, ids, "train"),
+                                      cfg.train.global_batch_size, self.dist.world_size)
         metrics = global_means(sums, cfg.train.global_batch_size)
-        metrics["lr"] = self.learner.lr
-        if self.learner.grad_norm is not None:
-            metrics["grad_norm"] = self.learner.grad_norm
-        check_finite_loss(metrics["loss"], step + 1, self.run.last_checkpoint)
-        return metrics
+        return offline.step_metrics(metrics, self.learner, step, self.run.last_checkpoint)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if not self.eval_set:
             return {}
-        sums: dict[str, float] = {}
-        count = 0
-        with eval_mode(self.learner):
-            shard_index = list(range(len(self.eval_set)))[self.dist.rank :: self.dist.world_size]
-            offset = 0
-            for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
-                # A rank with nothing left repeats a batch (discarded) so ZeRO-3's gathers stay in step.
-                indices = shard_index[offset : offset + len(examples)] if real else [0] * len(examples)
-                logps = self.pair_logps(examples, indices, "eval")
-                if real:
-                    offset += len(examples)
-                    count += len(examples)
-                    accumulate_sums(sums, {"loss": pair_losses(self.cfg.dpo, logps), **self._reward_stats(logps)})
-        (total,) = all_reduce_sum([count])
-        return global_means(sums, total)
+        sums, count = offline.evaluation_sums(self.learner, self.data, self.dist, self.cfg.train.eval_batch_size,
+                                              lambda examples, ids, _real: self.batch_stats(examples, ids, "eval")[1])
+        return global_means(sums, count)

@@ -45,10 +45,8 @@ from posttrain.distributed import (
     all_reduce_max,
     all_reduce_sum,
 )
-from posttrain.learner import build_learner
-from posttrain.learner.engine import apply_lora
 from posttrain.learner.packing import forward_logits
-from posttrain.models.loading import load_causal_lm, load_tokenizer
+from posttrain.models.loading import load_tokenizer
 from posttrain.rollout import RolloutConfig, token_entropy, token_logprobs
 from posttrain.rollout.layout import check_layout
 from posttrain.rollout.logprobs import drift_stats
@@ -56,8 +54,11 @@ from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
 from posttrain.trainers.hapo import HAPOSettings, HAPOShaping
 from posttrain.trainers.harness import RunHarness, run_identity
+from posttrain.trainers.loop import train_loop
 from posttrain.trainers.online import OnlineRollouts, OnlineSettings, PromptRow, RolloutCorrection
+from posttrain.trainers.policy import build_policy, build_reference
 from posttrain.trainers.reference import FrozenReference
+from posttrain.trainers.timing import StageTimer
 
 log = logging.getLogger("posttrain")
 
@@ -145,9 +146,7 @@ def check_options(registry, name: str, options: dict, key: str, source: str, *, 
 
 @dataclass
 class Config(RecipeConfig):
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8, temperature=1.0, max_tokens=64,
-                                                                         enforce_eager=True),
-                                   metadata={"help": "vLLM sampling and engine settings (rollout.n is the group size)."})
+    rollout: RolloutConfig = online.rollout_section(8, "vLLM sampling and engine settings (rollout.n is the group size).")
     grpo: GRPOSettings = field(default_factory=GRPOSettings, metadata={"help": "GRPO settings."})
 
 
@@ -201,11 +200,8 @@ def preflight(cfg: Config, world_size: int, source: str) -> str:
 
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
-        self.cfg = cfg
-        self.dist = dist
-        self.source = source
+        self.cfg, self.dist, self.source = cfg, dist, source
 
-    # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, dist = self.cfg, self.dist
         seed_everything(cfg.seed)
@@ -220,7 +216,7 @@ class Recipe:
                  "%d optimizer steps", len(self.rollouts.prompts), len(self.rollouts.eval_prompts),
                  self.rollouts.report.summary(), self.rollouts.skipped or "none", self.total_steps,
                  cfg.grpo.prompts_per_step, cfg.rollout.n, self.plan["optimizer_steps"])
-        self.learner = self._setup_learner()
+        self.learner = build_policy(cfg, dist, self.plan["grad_accum"], self.plan["optimizer_steps"])
         self.reference = self._setup_reference()
         self.spo = algorithms.SPOValueTracker() if cfg.grpo.estimator == "spo" else None
         self.run = RunHarness(cfg, dist, run_identity(cfg, estimator=cfg.grpo.estimator, n=cfg.rollout.n,
@@ -231,33 +227,16 @@ class Recipe:
         if self.hapo is not None and state.get("hapo"):
             self.hapo.load_state_dict(state["hapo"])
         self.run.open_metrics()
-        self.rollouts.start_engine()
-        if self.run.start_step:  # the engine loaded the initial weights: bring it to the checkpoint's
-            self.rollouts.sync(self.learner)
-
-    def _setup_learner(self):
-        cfg = self.cfg
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
-        return build_learner(model, cfg.learner, world_size=self.dist.world_size,
-                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.plan["grad_accum"],
-                             total_steps=self.plan["optimizer_steps"])
+        self.rollouts.start(self.learner, resumed=self.run.start_step > 0)
 
     def _setup_reference(self) -> FrozenReference | None:
-        cfg = self.cfg
-        if cfg.grpo.kl_coef == 0:
-            return None
-        if cfg.model.lora.enabled:
-            return FrozenReference(None, policy=self.learner)
-        return FrozenReference(load_causal_lm(cfg.model), zero_stage=cfg.learner.zero_stage)
+        return None if self.cfg.grpo.kl_coef == 0 else build_reference(self.cfg, self.learner)
 
-    # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        return online.train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step,
-                                 self.rollouts.evaluate, self.save,
-                                 [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"], ["time/samples_per_s"],
-                                  ["drift/abs_diff_max"], ["completion_tokens"]])
+        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step, self.rollouts.evaluate,
+                          self.save, [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"], ["time/samples_per_s"],
+                                  ["drift/abs_diff_max"], ["completion_tokens"]],
+                          progress_keys=("reward/mean", "time/samples_per_s"))
 
     def cleanup(self) -> None:
         if getattr(self, "rollouts", None) is not None:
@@ -274,30 +253,22 @@ class Recipe:
     def rl_step(self, step: int) -> dict:
         cfg, g = self.cfg, self.cfg.grpo
         n = cfg.rollout.n
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        rows = self.rollouts.rows(step)
-        batch = self.rollouts.generate(step, rows)
-        timings["generate"] = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        rewards, scores = self.rollouts.score(rows, batch)
-        timings["reward"] = time.perf_counter() - t1
+        timer = StageTimer()
+        rows, batch, rewards, scores = self.rollouts.sample(step, timer)
         refill_metrics: dict[str, float] = {}
         if g.dynamic_sampling and g.dynamic_sampling_max_rounds > 0:
-            rows, batch, rewards, scores, refill_metrics = self._refill(step, rows, batch, rewards, scores)
-            timings["generate"] = time.perf_counter() - t0 - timings["reward"]
+            with timer.stage("generate"):  # the refill rounds' generation and scoring
+                rows, batch, rewards, scores, refill_metrics = self._refill(step, rows, batch, rewards, scores)
         hapo_metrics: dict[str, float] = {}
         if self.hapo is not None:  # + weight x the history-aware length reward; then the history takes this step
             rewards, hapo_metrics = self.hapo.shape(rows, batch, rewards, scores)
         task_rewards = rewards
         baseline_rewards = None
         if "baseline_rewards" in g.estimator_needs():  # ReMax: greedy baseline
-            started = time.perf_counter()
-            baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
-            timings["generate"] += time.perf_counter() - started
+            with timer.stage("generate"):
+                baseline_rewards = self.rollouts.greedy_rewards(rows).repeat_interleave(n)
 
-        t2 = time.perf_counter()
+        train_started = time.perf_counter()
         tensors = batch.collate(self.tokenizer.pad_token_id)
         mask = tensors["completion_mask"].float()
         single_pass = self._single_pass()
@@ -331,19 +302,10 @@ class Recipe:
         learner_logprobs = old_logprobs if old_logprobs is not None else update.pop("first_logprobs")
         drift = {**drift_stats(tensors["sampler_logprobs"], learner_logprobs, mask), **tis_metrics}
         spo_metrics = self._update_tracker(keys, task_rewards, tensors, learner_logprobs, mask)
-        timings["train"] = time.perf_counter() - t2
-
-        timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
-        t3 = time.perf_counter()
-        sync = self.rollouts.sync(self.learner)
-        timings["sync"] = time.perf_counter() - t3
-        timings["step"] = time.perf_counter() - t0
-        metrics = online.rollout_metrics(batch, rewards, scores, drift, sync, timings,
-                                         verifier=self.rollouts.verifier)
-        metrics["staleness"] = float(self.rollouts.staleness)
-        dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
+        timer.add("train", time.perf_counter() - train_started)
+        metrics = self.rollouts.finish_step(self.learner, timer, batch, rewards, scores, drift, keep)
         kl = update["kl"] if reward_kl is None else reward_kl[0] / max(reward_kl[1], 1.0)
-        metrics.update({"filtered_share": dropped / max(count, 1), "loss": update["loss"], "kl": kl,
+        metrics.update({"loss": update["loss"], "kl": kl,
                         "clipfrac": update["clipfrac"], "nonfinite_skipped": update["nonfinite"],
                         "lr": self.learner.lr, **spo_metrics, **refill_metrics, **hapo_metrics})
         if baseline_rewards is not None:
@@ -461,45 +423,38 @@ class Recipe:
                 weights) -> dict[str, float]:
         cfg, g, dist = self.cfg, self.cfg.grpo, self.dist
         temperature = max(cfg.rollout.temperature, 1e-6)
-        local = tensors["input_ids"].shape[0]
-        per_mini = local // self.plan["mini_batches"]
         divisor = self.plan["grad_accum"] * dist.world_size
         token_adv = (advantages if advantages.dim() == 2 else advantages[:, None].expand_as(loss_mask)).nan_to_num(0.0)
         sums = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "clip_tokens": 0.0, "nonfinite": 0.0}
         updates = 0
         # single pass: the update's own log-probs stand in for the old ones (and give the drift metrics)
         first_logprobs = torch.zeros_like(loss_mask) if old_logprobs is None else None
-        for _epoch in range(g.epochs):
-            for mb in range(self.plan["mini_batches"]):
-                rows = slice(mb * per_mini, (mb + 1) * per_mini)
-                num_tokens, num_seqs = all_reduce_sum([loss_mask[rows].sum().item(),
-                                                       float((loss_mask[rows].sum(1) > 0).sum())])
-                agg = {"global_num_tokens": max(num_tokens, 1.0), "global_num_seqs": max(num_seqs, 1.0),
-                       "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
-                for start in range(rows.start, rows.stop, cfg.train.micro_batch_size):
-                    part = slice(start, min(start + cfg.train.micro_batch_size, rows.stop))
-                    out = micro_batch_loss(
-                        self.learner, g, tensors["input_ids"][part], tensors["attention_mask"][part],
-                        tensors["completion_mask"][part], None if old_logprobs is None else old_logprobs[part],
-                        None if ref_logprobs is None else ref_logprobs[part], token_adv[part], loss_mask[part],
-                        None if weights is None else weights[part], agg, temperature)
-                    if old_logprobs is None:  # one epoch: this is the first and only pass
-                        first_logprobs[part] = out.logprobs.detach()
-                    result = out.policy
-                    if out.kl is not None:
-                        sums["kl"] += out.kl.item() / divisor
-                    loss, skipped = online.guard_nonfinite(out.loss, g.nonfinite_loss, "policy loss",
-                                                           "grpo.nonfinite_loss", step=step + 1,
-                                                           last_checkpoint=self.run.last_checkpoint, anchor=out.logits)
-                    sums["nonfinite"] += float(skipped) / dist.world_size  # all ranks skip together
-                    self.learner.backward(loss)
-                    self.learner.step()
-                    if not skipped:
-                        sums["loss"] += result.loss.item() / divisor
-                    # metrics are means over this micro-batch's loss tokens: weight them back to sums
-                    sums["clipfrac"] += float(result.metrics.get("clipfrac", 0.0)) * loss_mask[part].sum().item()
-                    sums["clip_tokens"] += loss_mask[part].sum().item()
-                updates += 1
+        for _epoch, rows in online.mini_batches(tensors["input_ids"].shape[0], self.plan["mini_batches"], g.epochs):
+            agg, _ = online.loss_aggregation(loss_mask[rows], norm_constant=float(cfg.rollout.max_tokens),
+                                             gradient_divisor=divisor)
+            for part in online.micro_batches(rows, cfg.train.micro_batch_size):
+                out = micro_batch_loss(
+                    self.learner, g, tensors["input_ids"][part], tensors["attention_mask"][part],
+                    tensors["completion_mask"][part], None if old_logprobs is None else old_logprobs[part],
+                    None if ref_logprobs is None else ref_logprobs[part], token_adv[part], loss_mask[part],
+                    None if weights is None else weights[part], agg, temperature)
+                if old_logprobs is None:  # one epoch: this is the first and only pass
+                    first_logprobs[part] = out.logprobs.detach()
+                result = out.policy
+                if out.kl is not None:
+                    sums["kl"] += out.kl.item() / divisor
+                loss, skipped = online.guard_nonfinite(out.loss, g.nonfinite_loss, "policy loss",
+                                                       "grpo.nonfinite_loss", step=step + 1,
+                                                       last_checkpoint=self.run.last_checkpoint, anchor=out.logits)
+                sums["nonfinite"] += float(skipped) / dist.world_size  # all ranks skip together
+                self.learner.backward(loss)
+                self.learner.step()
+                if not skipped:
+                    sums["loss"] += result.loss.item() / divisor
+                # metrics are means over this micro-batch's loss tokens: weight them back to sums
+                sums["clipfrac"] += float(result.metrics.get("clipfrac", 0.0)) * loss_mask[part].sum().item()
+                sums["clip_tokens"] += loss_mask[part].sum().item()
+            updates += 1
         total = all_reduce_sum([sums[k] for k in sorted(sums)])
         out = dict(zip(sorted(sums), total))
         out["loss"] /= max(updates, 1)

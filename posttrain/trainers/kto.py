@@ -30,32 +30,21 @@ KTO: Model Alignment as Prospect Theoretic Optimization (Ethayarajh et al., 2024
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from posttrain import algorithms
-from posttrain.config.schema import ConfigError, check_batch_sizes, doc
+from posttrain.config.schema import ConfigError, doc
 from posttrain.data.preference import UnpairedExample, collate_unpaired, load_unpaired
-from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.distributed import DistInfo, all_reduce_sum
-from posttrain.errors import DataError
-from posttrain.faults import maybe_kill
-from posttrain.models.loading import check_model_path, load_tokenizer
-from posttrain.trainers.common import (
-    RecipeConfig,
-    accumulate_sums,
-    check_finite_loss,
-    check_output_dir,
-    eval_batches,
-    seed_everything,
-)
-from posttrain.trainers.dpo import build_policy, build_reference, sequence_logps
-from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
-from posttrain.trainers.reference import eval_mode
+from posttrain.trainers import offline
+from posttrain.trainers.common import RecipeConfig
+from posttrain.trainers.dpo import sequence_logps
+from posttrain.trainers.harness import RunHarness, run_identity
+from posttrain.trainers.loop import train_loop
+from posttrain.trainers.policy import build_policy, build_reference
 
 log = logging.getLogger("posttrain")
 
@@ -85,15 +74,7 @@ def prepare_data(cfg: Config, tokenizer):
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> None:
-    check_model_path(cfg.model.path)
-    if cfg.kto.reference_path:
-        check_model_path(cfg.kto.reference_path)
-    check_batch_sizes(cfg.train, world_size, source)
-    check_output_dir(cfg)
-    train, _, _, _ = prepare_data(cfg, load_tokenizer(cfg.model, cfg.data.chat_template))
-    if len(train) < cfg.train.global_batch_size:
-        raise DataError(f"{cfg.data.path}: {len(train)} valid rows are fewer than one global batch "
-                        f"(train.global_batch_size={cfg.train.global_batch_size}).")
+    offline.preflight(cfg, world_size, source, lambda tok: prepare_data(cfg, tok), "rows", [cfg.kto.reference_path])
 
 
 def kl_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
@@ -105,66 +86,31 @@ def kl_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, weigh
 
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
-        self.cfg = cfg
-        self.dist = dist
-        self.source = source
+        self.cfg, self.dist, self.source = cfg, dist, source
 
-    # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        check_output_dir(cfg)
-        self.grad_accum = check_batch_sizes(cfg.train, self.dist.world_size, self.source)
-        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        self.train_set, self.eval_set, report, skipped = prepare_data(cfg, self.tokenizer)
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.global_batch_size, seed=cfg.seed,
-                                          shuffle=cfg.data.shuffle)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
+        self.data = offline.setup_data(cfg, self.dist, self.source, lambda tok: prepare_data(cfg, tok), "rows")
+        self.tokenizer, self.train_set, self.eval_set = self.data.tokenizer, self.data.train_set, self.data.eval_set
+        self.total_steps = self.data.total_steps
         desirable = sum(e.label for e in self.train_set)
-        log.info("data: %d train (%d desirable, %d undesirable) / %d eval rows; %s; invalid rows skipped: %s; %d steps",
-                 len(self.train_set), desirable, len(self.train_set) - desirable, len(self.eval_set),
-                 report.summary(), skipped or "none", self.total_steps)
-        self.learner = build_policy(cfg, self.dist, self.grad_accum, self.total_steps)
+        log.info("train rows: %d desirable, %d undesirable", desirable, len(self.train_set) - desirable)
+        self.learner = build_policy(cfg, self.dist, self.data.grad_accum, self.total_steps)
         self.reference = build_reference(cfg, self.learner, cfg.kto.reference_path)
         self.run = RunHarness(cfg, self.dist, run_identity(cfg, kto=cfg.kto.loss_type))
-        self.run.history["skipped_rows"] = skipped
+        self.run.history["skipped_rows"] = self.data.skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
 
-    # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        cfg, run = self.cfg, self.run
-        if run.start_step == 0:
-            run.history["eval_start"] = self.evaluate()
-            run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
-        progress = progress_bar(self.total_steps, run.start_step, self.dist.is_main and cfg.logging.progress)
-        started = time.perf_counter()
-        for step in range(run.start_step, self.total_steps):
-            metrics = self.train_step(step)
-            done = step + 1
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == self.total_steps:
-                evaluation = self.evaluate()
-                metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
-                if done == self.total_steps:
-                    run.history["eval_end"] = evaluation
-            if done % cfg.train.log_every == 0 or done == self.total_steps:
-                run.log(done, metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}")
-            if should_checkpoint(cfg, done, self.total_steps):
-                run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
-            maybe_kill(done)
-        progress.close()
-        start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
-        if self.dist.is_main and end:
-            log.info("eval reward margin (desirable - undesirable) %.3f -> %.3f, loss %.4f -> %.4f",
-                     start.get("rewards/margin", math.nan), end.get("rewards/margin", math.nan),
-                     start.get("loss", math.nan), end.get("loss", math.nan))
-        return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
-                           "skipped_rows": run.history.get("skipped_rows"),
-                           "train_seconds": round(time.perf_counter() - started, 2)},
+        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.train_step, self.evaluate, self.save,
                           [["loss", "eval/loss"], ["rewards/margin", "eval/rewards/margin"],
-                           ["rewards/desirable", "rewards/undesirable"], ["kl"]])
+                           ["rewards/desirable", "rewards/undesirable"], ["kl"]],
+                          progress_keys=("loss", "rewards/margin"),
+                          summary=lambda start, end: {"skipped_rows": self.run.history.get("skipped_rows")})
+
+    def save(self, done: int) -> None:
+        self.run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
 
     def losses(self, examples: list[UnpairedExample], real: bool = True) -> tuple[torch.Tensor, dict]:
         """Per-example KTO losses [B] and the sums their metrics are made of."""
@@ -191,36 +137,24 @@ class Recipe:
         return losses, sums
 
     def train_step(self, step: int) -> dict:
-        cfg, dist = self.cfg, self.dist
-        self.learner.train()
-        # DeepSpeed averages over accumulation steps and ranks; undo both so the step's gradient is
-        # that of the mean per-example loss over the global batch.
-        scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
-        sums: dict[str, float] = {}
-        for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
-            losses, stats = self.losses([self.train_set[i] for i in ids])
-            self.learner.backward(losses.sum() * scale)
-            self.learner.step()
-            accumulate_sums(sums, stats)
-        metrics = self._means(sums)
-        metrics["lr"] = self.learner.lr
-        if self.learner.grad_norm is not None:
-            metrics["grad_norm"] = self.learner.grad_norm
-        check_finite_loss(metrics["loss"], step + 1, self.run.last_checkpoint)
-        return metrics
+        cfg = self.cfg
+        micro_batches = offline.micro_batch_ids(self.data, step, self.dist, cfg.train.micro_batch_size)
+        sums = offline.optimizer_step(self.learner, self.data, micro_batches, lambda examples, _ids: self.losses(examples),
+                                      cfg.train.global_batch_size, self.dist.world_size)
+        return offline.step_metrics(self._means(sums), self.learner, step, self.run.last_checkpoint)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if not self.eval_set:
             return {}
-        sums: dict[str, float] = {}
-        with eval_mode(self.learner):
-            for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
-                n = len(examples)
-                # A lone example has no other completion to pair with: borrow one, count only its own.
-                _, stats = self.losses(examples if n > 1 else examples + self.eval_set[1:2], real)
-                if real:
-                    accumulate_sums(sums, {k: v[:n] for k, v in stats.items()})
+
+        def stats(examples, _indices, real):
+            n = len(examples)
+            # A lone example has no other completion to pair with: borrow one, count only its own.
+            _, sums = self.losses(examples if n > 1 else examples + self.eval_set[1:2], real)
+            return {k: v[:n] for k, v in sums.items()}
+
+        sums, _ = offline.evaluation_sums(self.learner, self.data, self.dist, self.cfg.train.eval_batch_size, stats)
         return self._means(sums)
 
     @staticmethod

@@ -4,7 +4,7 @@
     failure policy, prompt length, non-finite loss policy, evaluation, sync buckets);
   - ``batch_plan`` / ``preflight``: the batch arithmetic and the cheap checks, before anything starts;
   - ``OnlineRollouts``: prompts, the colocated vLLM engine, rewards, weight sync and evaluation;
-  - ``rollout_metrics``, ``guard_nonfinite``, ``train_loop``: the per-step bookkeeping.
+  - ``rollout_metrics``, ``guard_nonfinite``: the per-step bookkeeping (the loop is ``trainers.loop``).
 
 Each is a small function or object the recipes compose; the algorithm of a step (advantages,
 losses, updates) stays in the recipe.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -30,11 +30,10 @@ from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import LengthReport, render_chat
 from posttrain.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
 from posttrain.errors import DataError
-from posttrain.faults import maybe_kill, maybe_poison_loss
+from posttrain.faults import maybe_poison_loss
 from posttrain.learner.packing import forward_logits
 from posttrain.models.loading import check_model_path, load_tokenizer
 from posttrain.trainers.common import check_finite_loss, check_output_dir
-from posttrain.trainers.harness import RunHarness, progress_bar, should_checkpoint
 
 log = logging.getLogger("posttrain")
 
@@ -210,6 +209,17 @@ class OnlineSettings:
             raise ConfigError(f"{self.section}.prompts_per_step in {source} must be at least 1, got {self.prompts_per_step}.")
 
 
+def rollout_section(n: int, help_text: str):
+    """The ``rollout:`` field of an online recipe's config: vLLM settings defaulting to ``n`` samples per prompt,
+    temperature 1, 64 new tokens, eager mode."""
+    from dataclasses import field
+
+    from posttrain.rollout import RolloutConfig
+
+    return field(default_factory=lambda: RolloutConfig(n=n, temperature=1.0, max_tokens=64, enforce_eager=True),
+                 metadata={"help": help_text})
+
+
 def global_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Mean, population variance, min and max of the masked entries over every rank."""
     values = x.detach()[mask.bool()].double()
@@ -234,6 +244,37 @@ def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed
     keep = pf_ppo_filter(everyone, n, strategy=strategy, generator=generator)
     first = rank * rewards.shape[0]
     return keep[first : first + rewards.shape[0]]
+
+
+def mini_batches(local: int, count: int, epochs: int, shuffle_seed: Callable[[int], int] | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(epoch, rows)`` for each optimizer step of a rollout batch: ``epochs`` passes over this rank's ``local``
+    rows, each split into ``count`` mini-batches, in order or, with ``shuffle_seed(epoch)``, freshly shuffled
+    by a generator with that seed (so a resumed run shuffles alike)."""
+    per_mini = local // count
+    for epoch in range(epochs):
+        if shuffle_seed is None:
+            order = torch.arange(local)
+        else:
+            order = torch.randperm(local, generator=torch.Generator().manual_seed(shuffle_seed(epoch)))
+        for mb in range(count):
+            yield epoch, order[mb * per_mini : (mb + 1) * per_mini]
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """A mini-batch's rows in micro-batches of ``size``."""
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def loss_aggregation(mask: torch.Tensor, *, norm_constant: float, gradient_divisor: float
+                     ) -> tuple[dict[str, float], float]:
+    """The settings a mini-batch's losses are aggregated with, and its loss tokens over every rank: the loss
+    tokens and sequences of ``mask`` (this rank's rows of the mini-batch) summed over every rank (at least 1),
+    the constant of ``seq-mean-token-sum-norm`` and the gradient divisor (accumulation steps x ranks)."""
+    num_tokens, num_seqs = all_reduce_sum([mask.sum().item(), float((mask.sum(1) > 0).sum())])
+    return {"global_num_tokens": max(num_tokens, 1.0), "global_num_seqs": max(num_seqs, 1.0),
+            "norm_constant": norm_constant, "gradient_divisor": gradient_divisor}, num_tokens
 
 
 def batch_plan(settings: OnlineSettings, *, n: int, epochs: int, train: TrainConfig, world_size: int,
@@ -319,6 +360,12 @@ class OnlineRollouts:
     def start_engine(self) -> None:
         self._open_engine()
         self.bind_rewards()
+
+    def start(self, learner, *, resumed: bool) -> None:
+        """Start the engine; a resumed run's engine then takes the checkpoint's weights (it loaded the initial ones)."""
+        self.start_engine()
+        if resumed:
+            self.sync(learner)
 
     def bind_rewards(self) -> None:
         """Hand the started engine to the rewards that ask for it: a reward object with a ``bind_engine(engine)``
@@ -456,6 +503,29 @@ class OnlineRollouts:
         return sync_weights(self.engine, learner.module, bucket_bytes=self.settings.sync_bucket_mb * 2**20,
                             lora_scaling=lora.alpha / lora.r if lora.enabled else None)
 
+    def sample(self, step: int, timer) -> tuple[list[PromptRow], Any, torch.Tensor, Any]:
+        """A step's first stages: this rank's prompts, their samples (``generate``) and rewards (``reward``);
+        returns (rows, batch, rewards [N] with NaN where unscored, the raw ``BatchScores``)."""
+        with timer.stage("generate"):
+            rows = self.rows(step)
+            batch = self.generate(step, rows)
+        with timer.stage("reward"):
+            rewards, scores = self.score(rows, batch)
+        return rows, batch, rewards, scores
+
+    def finish_step(self, learner, timer, batch, rewards: torch.Tensor, scores, drift: dict,
+                    keep: torch.Tensor) -> dict[str, float]:
+        """A step's last stages: wait for the prefetched batch (one-step async; ``generate_wait``, the part of
+        generation training did not hide), sync the weights (``sync``); then the step's rollout metrics
+        (``rollout_metrics``, ``staleness``, and ``filtered_share``: the share of samples ``keep`` left out)."""
+        timer.add("generate_wait", self.await_prefetch())
+        with timer.stage("sync"):
+            sync = self.sync(learner)
+        metrics = rollout_metrics(batch, rewards, scores, drift, sync, timer.finish(), verifier=self.verifier)
+        dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
+        metrics.update({"staleness": float(self.staleness), "filtered_share": dropped / max(count, 1.0)})
+        return metrics
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy generation on the held-out prompts (sharded over ranks), scored by the run's rewards."""
@@ -547,39 +617,6 @@ def guard_nonfinite(loss: torch.Tensor, policy: str, what: str, setting: str, *,
     if policy == "stop":
         check_finite_loss(math.nan, step, last_checkpoint, setting=setting)
     return anchor.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum() * 0.0, True
-
-
-def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, rl_step: Callable[[int], dict],
-               evaluate: Callable[[], dict], save: Callable[[int], None],
-               plot_groups: list[list[str]]) -> dict[str, Any]:
-    """The online loop around a recipe's ``rl_step``: evaluation at the start, every ``train.eval_every`` steps
-    and at the end; metrics every ``train.log_every`` steps; checkpoints; the fault hook; the summary."""
-    if run.start_step == 0:
-        run.history["eval_start"] = evaluate()
-        run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
-    progress = progress_bar(total_steps, run.start_step, dist.is_main and cfg.logging.progress)
-    started = time.perf_counter()
-    for step in range(run.start_step, total_steps):
-        metrics = rl_step(step)
-        done = step + 1
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps:
-            evaluation = evaluate()
-            metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
-            if done == total_steps:
-                run.history["eval_end"] = evaluation
-        if done % cfg.train.log_every == 0 or done == total_steps:
-            run.log(done, metrics)
-        progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", sps=f"{metrics['time/samples_per_s']:.1f}")
-        if should_checkpoint(cfg, done, total_steps):
-            save(done)
-        maybe_kill(done)
-    progress.close()
-    start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
-    if dist.is_main and end:
-        log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
-    return run.finish({"steps": total_steps, "eval_start": start, "eval_end": end,
-                       "train_seconds": round(time.perf_counter() - started, 2)}, plot_groups)
 
 
 @torch.no_grad()

@@ -67,16 +67,18 @@ from posttrain.config.schema import ConfigError, doc
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.errors import UserError
 from posttrain.learner import build_learner
-from posttrain.learner.engine import apply_lora
 from posttrain.learner.packing import forward_logits
-from posttrain.models.loading import check_model_path, load_causal_lm, load_tokenizer
+from posttrain.models.loading import check_model_path, load_tokenizer
 from posttrain.rollout import RolloutConfig, drift_stats, token_entropy, token_logprobs
 from posttrain.rollout.layout import check_layout
 from posttrain.trainers import online
 from posttrain.trainers.common import RecipeConfig, check_output_dir, seed_everything
 from posttrain.trainers.harness import RunHarness, run_identity
+from posttrain.trainers.loop import train_loop
 from posttrain.trainers.online import OnlineRollouts, OnlineSettings
+from posttrain.trainers.policy import build_policy, build_reference
 from posttrain.trainers.reference import FrozenReference
+from posttrain.trainers.timing import StageTimer
 
 log = logging.getLogger("posttrain")
 
@@ -192,9 +194,7 @@ class PPOSettings(OnlineSettings):
 
 @dataclass
 class Config(RecipeConfig):
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=1, temperature=1.0, max_tokens=64,
-                                                                         enforce_eager=True),
-                                   metadata={"help": "vLLM sampling and engine settings (rollout.n samples per prompt)."})
+    rollout: RolloutConfig = online.rollout_section(1, "vLLM sampling and engine settings (rollout.n samples per prompt).")
     ppo: PPOSettings = field(default_factory=PPOSettings, metadata={"help": "PPO settings."})
 
     def validate(self, source: str) -> None:
@@ -291,11 +291,8 @@ def final_state_values(logits: torch.Tensor, completion_mask: torch.Tensor) -> t
 
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
-        self.cfg = cfg
-        self.dist = dist
-        self.source = source
+        self.cfg, self.dist, self.source = cfg, dist, source
 
-    # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, dist, p = self.cfg, self.dist, self.cfg.ppo
         seed_everything(cfg.seed)
@@ -313,7 +310,7 @@ class Recipe:
                  "%d optimizer steps", len(self.rollouts.prompts), len(self.rollouts.eval_prompts),
                  self.rollouts.report.summary(), self.rollouts.skipped or "none", self.total_steps,
                  p.prompts_per_step, cfg.rollout.n, self.plan["optimizer_steps"])
-        self.learner = self._setup_policy()
+        self.learner = build_policy(cfg, dist, self.plan["grad_accum"], self.plan["optimizer_steps"])
         self.critic = self._setup_critic()
         self.reference = self._setup_reference()
         self.kl_controller = algorithms.make_kl_controller(
@@ -326,18 +323,7 @@ class Recipe:
             self.kl_controller.load_state_dict(state["kl_controller"])
             self.reward_stats.load_state_dict(state["reward_stats"])
         self.run.open_metrics()
-        self.rollouts.start_engine()
-        if self.run.start_step:  # the engine loaded the initial weights: bring it to the checkpoint's
-            self.rollouts.sync(self.learner)
-
-    def _setup_policy(self):
-        cfg = self.cfg
-        model = load_causal_lm(cfg.model)
-        if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
-        return build_learner(model, cfg.learner, world_size=self.dist.world_size,
-                             micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.plan["grad_accum"],
-                             total_steps=self.plan["optimizer_steps"])
+        self.rollouts.start(self.learner, resumed=self.run.start_step > 0)
 
     def _setup_critic(self):
         cfg = self.cfg
@@ -347,20 +333,14 @@ class Recipe:
                              grad_accum=self.plan["grad_accum"], total_steps=self.plan["optimizer_steps"])
 
     def _setup_reference(self) -> FrozenReference | None:
-        cfg = self.cfg
-        if cfg.ppo.kl_coef == 0:
-            return None
-        if cfg.model.lora.enabled:
-            return FrozenReference(None, policy=self.learner)
-        return FrozenReference(load_causal_lm(cfg.model), zero_stage=cfg.learner.zero_stage)
+        return None if self.cfg.ppo.kl_coef == 0 else build_reference(self.cfg, self.learner)
 
-    # ---------------------------------------------------------------- train
     def train(self) -> dict:
-        return online.train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step,
-                                 self.rollouts.evaluate, self.save,
-                                 [["reward/mean", "eval/reward"], ["accuracy", "eval/accuracy"], ["kl"], ["kl_coef"],
+        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step, self.rollouts.evaluate,
+                          self.save, [["reward/mean", "eval/reward"], ["accuracy", "eval/accuracy"], ["kl"], ["kl_coef"],
                                   ["policy_loss"], ["value_loss"], ["explained_variance"], ["entropy"],
-                                  ["clipfrac", "vf_clipfrac"], ["time/samples_per_s"]])
+                                  ["clipfrac", "vf_clipfrac"], ["time/samples_per_s"]],
+                          progress_keys=("reward/mean", "time/samples_per_s"))
 
     def cleanup(self) -> None:
         if getattr(self, "rollouts", None) is not None:
@@ -374,17 +354,10 @@ class Recipe:
     def rl_step(self, step: int) -> dict:
         cfg, p = self.cfg, self.cfg.ppo
         temperature = max(cfg.rollout.temperature, 1e-6)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        rows = self.rollouts.rows(step)
-        batch = self.rollouts.generate(step, rows)
-        timings["generate"] = time.perf_counter() - t0
+        timer = StageTimer()
+        rows, batch, scores, raw_scores = self.rollouts.sample(step, timer)
 
-        t1 = time.perf_counter()
-        scores, raw_scores = self.rollouts.score(rows, batch)
-        timings["reward"] = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
+        train_started = time.perf_counter()
         tensors = batch.collate(self.tokenizer.pad_token_id)
         mask = tensors["completion_mask"].float()
         incomplete = self._incomplete(batch)  # T-PPO: the responses its window cut (all False when it is off)
@@ -428,19 +401,8 @@ class Recipe:
                                     "value_lam": self._value_lam()})
         update = self._update(step, tensors, old_logprobs, old_values, whitened, returns, loss_mask, weights,
                               value_mask=value_mask)
-        timings["train"] = time.perf_counter() - t2
-
-        timings["generate_wait"] = self.rollouts.await_prefetch()  # one-step async: next batch's unhidden part
-        t3 = time.perf_counter()
-        sync = self.rollouts.sync(self.learner)
-        timings["sync"] = time.perf_counter() - t3
-        timings["step"] = time.perf_counter() - t0
-
-        metrics = online.rollout_metrics(batch, scores, raw_scores, drift, sync, timings,
-                                         verifier=self.rollouts.verifier)
-        metrics["staleness"] = float(self.rollouts.staleness)
-        dropped, count = all_reduce_sum([float((~keep).sum()), float(len(batch))])
-        metrics["filtered_share"] = dropped / max(count, 1.0)
+        timer.add("train", time.perf_counter() - train_started)
+        metrics = self.rollouts.finish_step(self.learner, timer, batch, scores, raw_scores, drift, keep)
         seq_kl = algorithms.masked_sum(token_kl, loss_mask, dim=-1)
         scored = loss_mask.sum(-1) > 0
         kl_sum, shaped_sum, seqs = all_reduce_sum([float(seq_kl[scored].sum()), float(shaped[scored].sum()),
@@ -554,55 +516,49 @@ class Recipe:
         cfg, p, dist = self.cfg, self.cfg.ppo, self.dist
         temperature = max(cfg.rollout.temperature, 1e-6)
         train_policy = step >= p.critic.pretrain_steps
-        local = tensors["input_ids"].shape[0]
-        per_mini = local // self.plan["mini_batches"]
         divisor = self.plan["grad_accum"] * dist.world_size
         sums: dict[str, float] = defaultdict(float)
         updates = critic_updates = 0
-        for epoch in range(p.epochs):
-            # Seeded by (run, step, epoch, rank) alone, so a resumed run shuffles alike.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + epoch * 101 + dist.rank)
-            order = torch.randperm(local, generator=generator)
-            for mb in range(self.plan["mini_batches"]):
-                rows = order[mb * per_mini : (mb + 1) * per_mini]
-                num_tokens, num_seqs, value_tokens, value_seqs = all_reduce_sum([
-                    loss_mask[rows].sum().item(), float((loss_mask[rows].sum(1) > 0).sum()),
-                    value_mask[rows].sum().item(), float((value_mask[rows].sum(1) > 0).sum())])
-                agg = {"global_num_tokens": max(num_tokens, 1.0), "global_num_seqs": max(num_seqs, 1.0),
-                       "norm_constant": float(cfg.rollout.max_tokens), "gradient_divisor": divisor}
-                value_agg = {**agg, "global_num_tokens": max(value_tokens, 1.0),
-                             "global_num_seqs": max(value_seqs, 1.0)}
-                for start in range(0, per_mini, cfg.train.micro_batch_size):
-                    part = rows[start : start + cfg.train.micro_batch_size]
-                    ids, attention = tensors["input_ids"][part], tensors["attention_mask"][part]
-                    completion, mask = tensors["completion_mask"][part], loss_mask[part]
-                    tokens = mask.sum().item()
-                    if train_policy:
-                        self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
-                                                advantages[part], agg, temperature, sums, divisor, tokens,
-                                                None if weights is None else weights[part])
-                    sums["tokens"] += tokens
-                    if value_tokens == 0:  # decided alike on every rank: no collective is left waiting
-                        continue
-                    vmask = value_mask[part]
-                    values = token_values(forward_logits(self.critic, ids, attention,
-                                                              padding_free=p.padding_free), completion)
-                    value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], vmask,
-                                                                clip_range=p.value_clip, loss_agg_mode=p.loss_agg,
-                                                                **value_agg)
-                    value_loss, skipped = online.guard_nonfinite(value_loss, p.nonfinite_loss, "value loss",
-                                                                 "ppo.nonfinite_loss", step=step + 1,
-                                                                 last_checkpoint=self.run.last_checkpoint,
-                                                                 anchor=values)
-                    self.critic.backward(value_loss)
-                    self.critic.step()
-                    if not skipped:
-                        sums["value_loss"] += value_loss.item() / divisor
-                    sums["nonfinite_skipped"] += float(skipped) / self.dist.world_size  # all ranks skip together
-                    sums["vf_clipfrac"] += float(metrics.get("vf_clipfrac", 0.0)) * vmask.sum().item()
-                    sums["value_tokens"] += vmask.sum().item()
-                updates += 1
-                critic_updates += value_tokens > 0
+
+        def shuffle_seed(epoch: int) -> int:  # (run, step, epoch, rank) alone: a resumed run shuffles alike
+            return cfg.seed * 1_000_003 + step * 1009 + epoch * 101 + dist.rank
+
+        for _epoch, rows in online.mini_batches(tensors["input_ids"].shape[0], self.plan["mini_batches"], p.epochs,
+                                                shuffle_seed):
+            agg, _ = online.loss_aggregation(loss_mask[rows], norm_constant=float(cfg.rollout.max_tokens),
+                                             gradient_divisor=divisor)
+            value_agg, value_tokens = online.loss_aggregation(
+                value_mask[rows], norm_constant=float(cfg.rollout.max_tokens), gradient_divisor=divisor)
+            for part in online.micro_batches(rows, cfg.train.micro_batch_size):
+                ids, attention = tensors["input_ids"][part], tensors["attention_mask"][part]
+                completion, mask = tensors["completion_mask"][part], loss_mask[part]
+                tokens = mask.sum().item()
+                if train_policy:
+                    self._policy_micro_step(step, ids, attention, completion, mask, old_logprobs[part],
+                                            advantages[part], agg, temperature, sums, divisor, tokens,
+                                            None if weights is None else weights[part])
+                sums["tokens"] += tokens
+                if value_tokens == 0:  # decided alike on every rank: no collective is left waiting
+                    continue
+                vmask = value_mask[part]
+                values = token_values(forward_logits(self.critic, ids, attention,
+                                                          padding_free=p.padding_free), completion)
+                value_loss, metrics = algorithms.value_loss(values, old_values[part], returns[part], vmask,
+                                                            clip_range=p.value_clip, loss_agg_mode=p.loss_agg,
+                                                            **value_agg)
+                value_loss, skipped = online.guard_nonfinite(value_loss, p.nonfinite_loss, "value loss",
+                                                             "ppo.nonfinite_loss", step=step + 1,
+                                                             last_checkpoint=self.run.last_checkpoint,
+                                                             anchor=values)
+                self.critic.backward(value_loss)
+                self.critic.step()
+                if not skipped:
+                    sums["value_loss"] += value_loss.item() / divisor
+                sums["nonfinite_skipped"] += float(skipped) / self.dist.world_size  # all ranks skip together
+                sums["vf_clipfrac"] += float(metrics.get("vf_clipfrac", 0.0)) * vmask.sum().item()
+                sums["value_tokens"] += vmask.sum().item()
+            updates += 1
+            critic_updates += value_tokens > 0
         keys = sorted(sums)
         out = dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
         tokens = max(out.pop("tokens", 0.0), 1.0)

@@ -29,14 +29,12 @@ LiPO: Listwise Preference Optimization through Learning-to-Rank (Liu et al., 202
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from posttrain import algorithms
-from posttrain.config.schema import check_batch_sizes, doc
+from posttrain.config.schema import doc
 from posttrain.data.listwise import (
     ListwiseExample,
     collate_listwise,
@@ -46,25 +44,16 @@ from posttrain.data.listwise import (
 )
 from posttrain.data.preference import PreferenceExample, collate_preference, load_pairs
 from posttrain.data.process import ProcessExample, collate_process, load_process
-from posttrain.data.sampler import GlobalBatchSampler
 from posttrain.data.tokenize import IGNORE
-from posttrain.distributed import DistInfo, all_reduce_sum
-from posttrain.errors import ConfigError, DataError
-from posttrain.faults import maybe_kill
+from posttrain.distributed import DistInfo
+from posttrain.errors import ConfigError
 from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.models.heads import load_scoring_model
-from posttrain.models.loading import check_model_path, load_tokenizer
-from posttrain.trainers.common import (
-    RecipeConfig,
-    accumulate_sums,
-    check_finite_loss,
-    check_output_dir,
-    eval_batches,
-    seed_everything,
-)
-from posttrain.trainers.harness import RunHarness, progress_bar, run_identity, should_checkpoint
-from posttrain.trainers.reference import eval_mode
+from posttrain.trainers import offline
+from posttrain.trainers.common import RecipeConfig
+from posttrain.trainers.harness import RunHarness, run_identity
+from posttrain.trainers.loop import train_loop
 from reward_models.prm import DEFAULT_SEPARATOR
 
 log = logging.getLogger("posttrain")
@@ -227,36 +216,21 @@ def make_task(cfg: Config) -> PairwiseTask | ListwiseTask | StepTask:
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> None:
-    check_model_path(cfg.model.path)
-    check_batch_sizes(cfg.train, world_size, source)
-    check_output_dir(cfg)
     task = make_task(cfg)
-    train, _, _, _ = task.load(load_tokenizer(cfg.model, cfg.data.chat_template))
-    if len(train) < cfg.train.global_batch_size:
-        unit = {PairwiseTask: "pairs", ListwiseTask: "lists", StepTask: "examples"}[type(task)]
-        raise DataError(f"{cfg.data.path}: {len(train)} valid {unit} are fewer than one global batch "
-                        f"(train.global_batch_size={cfg.train.global_batch_size}).")
+    unit = {PairwiseTask: "pairs", ListwiseTask: "lists", StepTask: "examples"}[type(task)]
+    offline.preflight(cfg, world_size, source, task.load, unit)
 
 
 class Recipe:
     def __init__(self, cfg: Config, dist: DistInfo, source: str = "the recipe") -> None:
-        self.cfg = cfg
-        self.dist = dist
-        self.source = source
+        self.cfg, self.dist, self.source = cfg, dist, source
         self.task = make_task(cfg)
 
     def setup(self) -> None:
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        check_output_dir(cfg)
-        self.grad_accum = check_batch_sizes(cfg.train, self.dist.world_size, self.source)
-        self.tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
-        self.train_set, self.eval_set, report, skipped = self.task.load(self.tokenizer)
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.global_batch_size, seed=cfg.seed,
-                                          shuffle=cfg.data.shuffle)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
-        log.info("data: %d train / %d eval examples; %s; invalid rows skipped: %s; %d steps",
-                 len(self.train_set), len(self.eval_set), report.summary(), skipped or "none", self.total_steps)
+        self.data = offline.setup_data(cfg, self.dist, self.source, self.task.load)
+        self.tokenizer, self.train_set, self.eval_set = self.data.tokenizer, self.data.train_set, self.data.eval_set
+        self.total_steps = self.data.total_steps
         model = load_scoring_model(cfg.model, self.task.head, self.tokenizer.pad_token_id)
         if cfg.model.lora.enabled:
             # Adapters on the backbone and the (new) head in full; the usable scoring model is then the merged one.
@@ -266,80 +240,44 @@ class Recipe:
                 log.info("LoRA: checkpoints hold the merged scoring model (<checkpoint>/merged; the head trains in "
                          "full, so the adapter alone does not score)")
         self.learner = build_learner(model, cfg.learner, world_size=self.dist.world_size,
-                                     micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.grad_accum,
+                                     micro_batch_size=cfg.train.micro_batch_size, grad_accum=self.data.grad_accum,
                                      total_steps=self.total_steps)
         listwise = {"task": "listwise", "ranking_loss": cfg.rm.ranking_loss} if isinstance(self.task, ListwiseTask) else {}
         self.run = RunHarness(cfg, self.dist, run_identity(cfg, head=self.task.head, **listwise))
-        self.run.history["skipped_rows"] = skipped
+        self.run.history["skipped_rows"] = self.data.skipped
         self.run.restore(self.learner)
         self.run.open_metrics()
 
     def train(self) -> dict:
-        cfg, run = self.cfg, self.run
-        if run.start_step == 0:
-            run.history["eval_start"] = self.evaluate()
-            run.log(0, {f"eval/{k}": v for k, v in run.history["eval_start"].items()})
-        progress = progress_bar(self.total_steps, run.start_step, self.dist.is_main and cfg.logging.progress)
-        started = time.perf_counter()
-        for step in range(run.start_step, self.total_steps):
-            metrics = self.train_step(step)
-            done = step + 1
-            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == self.total_steps:
-                evaluation = self.evaluate()
-                metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
-                if done == self.total_steps:
-                    run.history["eval_end"] = evaluation
-            if done % cfg.train.log_every == 0 or done == self.total_steps:
-                run.log(done, metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if should_checkpoint(cfg, done, self.total_steps):
-                run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps},
-                         model_kind=f"{self.task.head}_classification")
-            maybe_kill(done)
-        progress.close()
-        start, end = run.history.get("eval_start", {}), run.history.get("eval_end", {})
-        if self.dist.is_main and end:
-            log.info("eval: %s", ", ".join(f"{k} {start.get(k, math.nan):.3f} -> {v:.3f}" for k, v in end.items()))
-        keys = sorted(end or start)
-        return run.finish({"steps": self.total_steps, "eval_start": start, "eval_end": end,
-                           "skipped_rows": run.history.get("skipped_rows"),
-                           "train_seconds": round(time.perf_counter() - started, 2)},
-                          [[k, f"eval/{k}"] for k in keys])
+        def plots() -> list[list[str]]:
+            end = self.run.history.get("eval_end") or self.run.history.get("eval_start") or {}
+            return [[k, f"eval/{k}"] for k in sorted(end)]
+
+        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.train_step, self.evaluate, self.save,
+                          plots, summary=lambda start, end: {"skipped_rows": self.run.history.get("skipped_rows")})
+
+    def save(self, done: int) -> None:
+        self.run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps},
+                      model_kind=f"{self.task.head}_classification")
+
+    def batch_losses(self, examples: list, _ids: list[int]) -> tuple[torch.Tensor, dict]:
+        stats = self.task.forward(self.learner, examples, self.tokenizer.pad_token_id)
+        return stats["loss"], stats
 
     def train_step(self, step: int) -> dict:
-        cfg, dist = self.cfg, self.dist
-        self.learner.train()
-        scale = self.grad_accum * dist.world_size / cfg.train.global_batch_size
-        sums: dict[str, float] = {}
-        for ids in self.sampler.micro_batches(step, dist.rank, dist.world_size, cfg.train.micro_batch_size):
-            stats = self.task.forward(self.learner, [self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
-            self.learner.backward(stats["loss"].sum() * scale)
-            self.learner.step()
-            accumulate_sums(sums, {k: v.detach() for k, v in stats.items()})
-        metrics = self._summarize(sums, cfg.train.global_batch_size)
-        metrics["lr"] = self.learner.lr
-        if self.learner.grad_norm is not None:
-            metrics["grad_norm"] = self.learner.grad_norm
-        check_finite_loss(metrics["loss"], step + 1, self.run.last_checkpoint)
-        return metrics
+        cfg = self.cfg
+        micro_batches = offline.micro_batch_ids(self.data, step, self.dist, cfg.train.micro_batch_size)
+        sums = offline.optimizer_step(self.learner, self.data, micro_batches, self.batch_losses,
+                                      cfg.train.global_batch_size, self.dist.world_size)
+        metrics = self.task.summarize(offline.reduced(sums), cfg.train.global_batch_size)
+        return offline.step_metrics(metrics, self.learner, step, self.run.last_checkpoint)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if not self.eval_set:
             return {}
-        sums: dict[str, float] = {}
-        count = 0
-        with eval_mode(self.learner):
-            for examples, real in eval_batches(self.eval_set, self.dist, self.cfg.train.eval_batch_size):
-                stats = self.task.forward(self.learner, examples, self.tokenizer.pad_token_id)
-                if real:
-                    count += len(examples)
-                    accumulate_sums(sums, stats)
-        (total,) = all_reduce_sum([count])
-        return self._summarize(sums, total)
-
-    def _summarize(self, sums: dict[str, float], count: float) -> dict[str, float]:
-        keys = sorted(sums)
-        return self.task.summarize(dict(zip(keys, all_reduce_sum([sums[k] for k in keys]))), count)
+        sums, count = offline.evaluation_sums(
+            self.learner, self.data, self.dist, self.cfg.train.eval_batch_size,
+            lambda examples, _ids, _real: self.task.forward(self.learner, examples, self.tokenizer.pad_token_id))
+        return self.task.summarize(offline.reduced(sums), count)
 
