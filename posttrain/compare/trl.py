@@ -1,14 +1,23 @@
 """Build TRL trainers on the same model, data and settings as a posttrain recipe.
 
 Used by the parity tests (same first-step loss and gradients) and by
-``scripts/bench.py`` (throughput side by side). TRL is a dependency of the
-product for exactly this: reference formats, reward signatures, parity.
+``scripts/bench.py`` (throughput side by side). TRL is an optional extra for
+exactly this (``pip install -e .[compare]``): nothing else imports it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+def _trl():
+    """The ``trl`` module, or a clear error naming the extra that installs it."""
+    try:
+        import trl
+    except ImportError as e:
+        raise ImportError("posttrain.compare needs TRL, an optional extra: pip install -e .[compare]") from e
+    return trl
 
 
 def read_jsonl(path: str | Path, columns: tuple[str, ...]) -> list[dict]:
@@ -22,7 +31,8 @@ def dpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, batch
     """A TRL ``DPOTrainer`` on CPU in fp32, no dropout, no shuffling surprises (seeded)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    trl = _trl()
+    DPOConfig, DPOTrainer = trl.DPOConfig, trl.DPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -54,7 +64,8 @@ def grpo_trainer(model_path: str, rows: list[dict], out_dir: str | Path, *, rewa
 
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    trl = _trl()
+    GRPOConfig, GRPOTrainer = trl.GRPOConfig, trl.GRPOTrainer
 
     if use_vllm:  # vLLM's CPU default reserves a share of all memory and fails on busy machines (docs/rollout.md)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vllm_kv_cache_gib)
