@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -20,8 +21,19 @@ from tests.conftest import REPO
 def bench():
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    spec.loader.exec_module(module)  # puts scripts/ on sys.path, so the ``benchmarks`` package imports
+    import benchmarks.common
+    import benchmarks.grpo
+    import benchmarks.lora_sync
+    import benchmarks.plots
+    import benchmarks.scale
+    import benchmarks.tp_sync
+
+    found = {}
+    for part in (benchmarks.common, benchmarks.plots, benchmarks.grpo, benchmarks.lora_sync, benchmarks.scale,
+                 benchmarks.tp_sync, module):
+        found.update(vars(part))
+    return types.SimpleNamespace(**found)  # the CLI and what each benchmark module defines, as one namespace
 
 
 def ours_run(samples_per_s: float) -> dict:
