@@ -39,7 +39,7 @@ def _dpo_ours(args: argparse.Namespace, steps: int) -> dict:
         recipe.setup()
         seconds, tokens = [], []
         for step in range(steps):
-            ids = [i for mb in recipe.sampler.micro_batches(step, 0, 1, args.batch) for i in mb]
+            ids = [i for mb in recipe.data.sampler.micro_batches(step, 0, 1, args.batch) for i in mb]
             tokens.append(sum(2 * len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
                               for e in (recipe.train_set[i] for i in ids)))
             started = time.perf_counter()
