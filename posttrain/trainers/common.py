@@ -127,13 +127,17 @@ def accumulate_sums(sums: dict[str, float], values: dict) -> None:
         sums[key] = sums.get(key, 0.0) + float(value.sum())
 
 
-def global_means(sums: dict[str, float], count: float) -> dict[str, float]:
-    """Sum ``sums`` over ranks and divide by the global example count."""
+def global_sums(sums: dict[str, float]) -> dict[str, float]:
+    """``sums`` summed over every rank (every rank must hold the same keys)."""
     from posttrain.distributed import all_reduce_sum
 
     keys = sorted(sums)
-    totals = all_reduce_sum([sums[k] for k in keys])
-    return {k: v / max(count, 1) for k, v in zip(keys, totals)}
+    return dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
+
+
+def global_means(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Sum ``sums`` over ranks and divide by the global example count."""
+    return {k: v / max(count, 1) for k, v in global_sums(sums).items()}
 
 
 def check_finite_loss(loss: float, step: int, last_checkpoint: Path | None, *, setting: str | None = None) -> None:

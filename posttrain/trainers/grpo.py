@@ -234,8 +234,9 @@ class Recipe:
 
     def train(self) -> dict:
         return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step, self.rollouts.evaluate,
-                          self.save, [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"], ["time/samples_per_s"],
-                                  ["drift/abs_diff_max"], ["completion_tokens"]],
+                          self.save,
+                          [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"],
+                           ["time/samples_per_s"], ["drift/abs_diff_max"], ["completion_tokens"]],
                           progress_keys=("reward/mean", "time/samples_per_s"))
 
     def cleanup(self) -> None:

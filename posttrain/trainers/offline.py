@@ -127,14 +127,11 @@ def evaluation_sums(learner, data: OfflineData, dist: DistInfo, batch_size: int,
         for examples, real in eval_batches(data.eval_set, dist, batch_size):
             indices = shard_index[count : count + len(examples)] if real else [0] * len(examples)
             stats = batch_stats(examples, indices, real)
+            for key in stats:  # every rank holds every key, even one whose batches were all padding
+                sums.setdefault(key, 0.0)
             if real:
                 count += len(examples)
                 accumulate_sums(sums, stats)
     (total,) = all_reduce_sum([count])
     return sums, int(total)
 
-
-def reduced(sums: dict[str, float]) -> dict[str, float]:
-    """``sums`` summed over every rank (the same keys on every rank: the recipe's statistics)."""
-    keys = sorted(sums)
-    return dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -212,8 +212,6 @@ class OnlineSettings:
 def rollout_section(n: int, help_text: str):
     """The ``rollout:`` field of an online recipe's config: vLLM settings defaulting to ``n`` samples per prompt,
     temperature 1, 64 new tokens, eager mode."""
-    from dataclasses import field
-
     from posttrain.rollout import RolloutConfig
 
     return field(default_factory=lambda: RolloutConfig(n=n, temperature=1.0, max_tokens=64, enforce_eager=True),

@@ -337,9 +337,10 @@ class Recipe:
 
     def train(self) -> dict:
         return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step, self.rollouts.evaluate,
-                          self.save, [["reward/mean", "eval/reward"], ["accuracy", "eval/accuracy"], ["kl"], ["kl_coef"],
-                                  ["policy_loss"], ["value_loss"], ["explained_variance"], ["entropy"],
-                                  ["clipfrac", "vf_clipfrac"], ["time/samples_per_s"]],
+                          self.save,
+                          [["reward/mean", "eval/reward"], ["accuracy", "eval/accuracy"], ["kl"], ["kl_coef"],
+                           ["policy_loss"], ["value_loss"], ["explained_variance"], ["entropy"],
+                           ["clipfrac", "vf_clipfrac"], ["time/samples_per_s"]],
                           progress_keys=("reward/mean", "time/samples_per_s"))
 
     def cleanup(self) -> None:

@@ -51,7 +51,7 @@ from posttrain.learner import build_learner
 from posttrain.learner.engine import apply_lora
 from posttrain.models.heads import load_scoring_model
 from posttrain.trainers import offline
-from posttrain.trainers.common import RecipeConfig
+from posttrain.trainers.common import RecipeConfig, global_sums
 from posttrain.trainers.harness import RunHarness, run_identity
 from posttrain.trainers.loop import train_loop
 from reward_models.prm import DEFAULT_SEPARATOR
@@ -269,7 +269,7 @@ class Recipe:
         micro_batches = offline.micro_batch_ids(self.data, step, self.dist, cfg.train.micro_batch_size)
         sums = offline.optimizer_step(self.learner, self.data, micro_batches, self.batch_losses,
                                       cfg.train.global_batch_size, self.dist.world_size)
-        metrics = self.task.summarize(offline.reduced(sums), cfg.train.global_batch_size)
+        metrics = self.task.summarize(global_sums(sums), cfg.train.global_batch_size)
         return offline.step_metrics(metrics, self.learner, step, self.run.last_checkpoint)
 
     @torch.no_grad()
@@ -279,5 +279,5 @@ class Recipe:
         sums, count = offline.evaluation_sums(
             self.learner, self.data, self.dist, self.cfg.train.eval_batch_size,
             lambda examples, _ids, _real: self.task.forward(self.learner, examples, self.tokenizer.pad_token_id))
-        return self.task.summarize(offline.reduced(sums), count)
+        return self.task.summarize(global_sums(sums), count)
 

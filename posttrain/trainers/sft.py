@@ -39,7 +39,7 @@ from posttrain.data.tokenize import (
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.faults import maybe_poison_loss
 from posttrain.trainers import offline
-from posttrain.trainers.common import RecipeConfig
+from posttrain.trainers.common import RecipeConfig, global_sums
 from posttrain.trainers.harness import RunHarness, run_identity
 from posttrain.trainers.loop import train_loop
 from posttrain.trainers.policy import build_policy
@@ -52,29 +52,22 @@ class Config(RecipeConfig):
     """The SFT recipe: only the shared sections."""
 
 
-def prepare_data(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], LengthReport]:
-    """Load, check, tokenise, length-filter and (optionally) pack the train and eval sets."""
+def prepare_data(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], LengthReport, dict]:
+    """Load, check, tokenise, length-filter and (optionally) pack the train and eval sets; also the count of
+    invalid rows skipped."""
     def encode(row, report: LengthReport):
         return fit_length(sft_example(tokenizer, row), cfg.data.max_length, cfg.data.overlong, row.where, report)
 
     train, evaluation, report, skipped = load_examples(cfg.data, cfg.seed, sft_kind, encode)
-    if skipped:
-        log.info("invalid rows skipped: %s", skipped)
     if cfg.data.packing:
         train = pack_examples(train, cfg.data.max_length)
         evaluation = pack_examples(evaluation, cfg.data.max_length)
-    return train, evaluation, report
-
-
-def load_data(cfg: Config, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], LengthReport, dict]:
-    """``prepare_data`` in the offline loader's shape: (train, eval, report, skipped)."""
-    train, evaluation, report = prepare_data(cfg, tokenizer)
-    return train, evaluation, report, {}
+    return train, evaluation, report, skipped
 
 
 def preflight(cfg: Config, world_size: int, source: str) -> None:
     """Everything that can fail on user input, checked before processes or directories are made."""
-    offline.preflight(cfg, world_size, source, lambda tok: load_data(cfg, tok), "training examples")
+    offline.preflight(cfg, world_size, source, lambda tok: prepare_data(cfg, tok), "training examples")
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,7 +89,7 @@ class Recipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.data = offline.setup_data(cfg, self.dist, self.source, lambda tok: load_data(cfg, tok))
+        self.data = offline.setup_data(cfg, self.dist, self.source, lambda tok: prepare_data(cfg, tok))
         self.tokenizer, self.train_set, self.eval_set = self.data.tokenizer, self.data.train_set, self.data.eval_set
         self.total_steps = self.data.total_steps
         self.learner = build_policy(cfg, self.dist, self.data.grad_accum, self.total_steps)
@@ -114,21 +107,21 @@ class Recipe:
     def save(self, done: int) -> None:
         self.run.save(done, self.learner, self.tokenizer, state={"total_steps": self.total_steps})
 
-    def batch_losses(self, examples: list[TokenizedExample], _ids: list[int]) -> tuple[torch.Tensor, dict]:
+    def batch_losses(self, examples: list[TokenizedExample], step: int) -> tuple[torch.Tensor, dict]:
         """The micro-batch's summed token loss (one unit: the loss is per target token) and its sum."""
         batch = collate(examples, self.tokenizer.pad_token_id)
         logits = self.learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        summed = maybe_poison_loss(self._step + 1, token_loss_sum(logits, batch["labels"]))
+        summed = maybe_poison_loss(step + 1, token_loss_sum(logits, batch["labels"]))
         return summed[None], {"loss": summed.detach()}
 
     def train_step(self, step: int) -> dict:
         dist = self.dist
-        self._step = step
         micro_batches = offline.micro_batch_ids(self.data, step, dist, self.cfg.train.micro_batch_size)
         local_targets = sum(count_targets([self.train_set[i] for i in ids]) for ids in micro_batches)
         global_targets, = all_reduce_sum([local_targets])
         # the gradient of (sum of token losses) / (global token count)
-        sums = offline.optimizer_step(self.learner, self.data, micro_batches, self.batch_losses, global_targets,
+        sums = offline.optimizer_step(self.learner, self.data, micro_batches,
+                                      lambda examples, _ids: self.batch_losses(examples, step), global_targets,
                                       dist.world_size)
         total_loss, = all_reduce_sum([sums["loss"]])
         metrics = {"loss": total_loss / global_targets, "tokens": int(global_targets),
@@ -147,7 +140,5 @@ class Recipe:
             return {"loss": token_loss_sum(logits, batch["labels"]), "targets": torch.tensor(count_targets(examples))}
 
         sums, _ = offline.evaluation_sums(self.learner, self.data, self.dist, self.cfg.train.eval_batch_size, stats)
-        sums.setdefault("loss", 0.0)
-        sums.setdefault("targets", 0.0)
-        totals = offline.reduced(sums)
+        totals = global_sums(sums)
         return {"loss": totals["loss"] / max(totals["targets"], 1)}
