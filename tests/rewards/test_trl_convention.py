@@ -238,7 +238,7 @@ def record(prompts, completions, completion_ids, trainer_state, solution, **kwar
 
 @pytest.mark.slow
 def test_grpo_run_scores_trl_rewards_as_direct_calls(tiny_model, arithmetic_data, tmp_path):
-    from tests.test_grpo import grpo_args
+    from tests.recipes.test_grpo import grpo_args
 
     rows = [json.loads(line) for line in arithmetic_data["train"].read_text().splitlines()][:40]
     train = write_jsonl(tmp_path / "train.jsonl", [dict(r, solution=r["answer"]) for r in rows])

@@ -250,7 +250,7 @@ def test_sync_zero3_engine_matches_transformers(engine, tiny_model):
     from posttrain.config.schema import LearnerConfig
     from posttrain.learner.engine import build_learner
     from posttrain.rollout import sync_weights
-    from tests.rollout.gathered import gathered_state
+    from tests.workers.gathered import gathered_state
 
     learner = build_learner(_load(tiny_model).train(), LearnerConfig(zero_stage=3, lr=1e-2, scheduler="constant"),
                             world_size=1, micro_batch_size=2, grad_accum=1, total_steps=4)

@@ -164,7 +164,7 @@ def test_adapter_sync_from_zero3_learner(engine, tiny_model):
     from posttrain.config.schema import LearnerConfig
     from posttrain.learner.engine import build_learner
     from posttrain.rollout import sync_weights
-    from tests.rollout.gathered import gathered_state
+    from tests.workers.gathered import gathered_state
 
     model = _peft(tiny_model, seed=13).train()
     learner = build_learner(model, LearnerConfig(zero_stage=3, lr=5e-2, scheduler="constant"),

@@ -1,6 +1,6 @@
 """The pure parts of disaggregated rollouts: bucket packing, batch merging and splitting, placement rules.
 
-The processes themselves (learner and rollout ranks under torchrun) are tested in tests/test_distributed.py.
+The processes themselves (learner and rollout ranks under torchrun) are tested in tests/distributed/test_distributed.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.trainers.dynamic_sampling import ScoredGroup, fill_with_informative_groups, refill_prompt_ids
 from tests.conftest import read_metrics, run_cli
-from tests.test_grpo import RECIPE, grpo_args
+from tests.recipes.test_grpo import RECIPE, grpo_args
 
 # Prompts with an even answer get the same reward for every sample (no signal); odd ones vary with the text.
 HALF_INFORMATIVE = '''

@@ -10,7 +10,7 @@ import pytest
 
 from posttrain.algorithms import ADVANTAGE_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS
 from tests.conftest import REPO, read_metrics, run_cli, write_jsonl
-from tests.test_grpo import BAD_REWARDS, RECIPE, grpo_args
+from tests.recipes.test_grpo import BAD_REWARDS, RECIPE, grpo_args
 
 RECORDING_REWARD = '''
 import json, os

@@ -32,7 +32,7 @@ def _reference(model_dir: str, learner):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.rollout.gathered import gathered_state
+    from tests.workers.gathered import gathered_state
 
     state = gathered_state(learner)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -1,7 +1,7 @@
 """The registry matrix: every name a recipe can select runs 2 steps of its trainer on the tiny model in one
 process; every name that uses batch statistics also runs on 2 processes and must match one process for the same
-global batch and seed. (The advantage estimators have their own matrix in tests/test_grpo_estimators.py, the
-ranking losses in tests/test_listwise_rm.py.) A name that cannot run says why in its test id."""
+global batch and seed. (The advantage estimators have their own matrix in tests/recipes/test_grpo_estimators.py, the
+ranking losses in tests/recipes/test_listwise_rm.py.) A name that cannot run says why in its test id."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 from posttrain import algorithms
 from posttrain.trainers.online import OnlineSettings
 from tests.conftest import read_metrics, run_cli
-from tests.test_dpo import RECIPE as DPO_RECIPE
-from tests.test_dpo import dpo_args, pairs  # noqa: F401 - pytest fixture
-from tests.test_grpo import RECIPE as GRPO_RECIPE
-from tests.test_grpo import grpo_args
-from tests.test_ppo import RECIPE as PPO_RECIPE
-from tests.test_ppo import ppo_args
+from tests.recipes.test_dpo import RECIPE as DPO_RECIPE
+from tests.recipes.test_dpo import dpo_args, pairs  # noqa: F401 - pytest fixture
+from tests.recipes.test_grpo import RECIPE as GRPO_RECIPE
+from tests.recipes.test_grpo import grpo_args
+from tests.recipes.test_ppo import RECIPE as PPO_RECIPE
+from tests.recipes.test_ppo import ppo_args
 
 # Two rewards that disagree: a length-based one and a count of digits, on different scales.
 TWO_REWARDS = '''
@@ -132,7 +132,7 @@ PPO_RUNS = ([(f"kl_estimator={n}", [f"ppo.kl_estimator={n}"]) for n in algorithm
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [s for _, s in PPO_RUNS], ids=[n for n, _ in PPO_RUNS])
 def test_every_ppo_name_trains(settings, tiny_model, arithmetic_data, tmp_path):
-    from tests.test_ppo import REWARDS
+    from tests.recipes.test_ppo import REWARDS
 
     (tmp_path / "r.py").write_text(REWARDS)
     args = ppo_args(tiny_model, arithmetic_data, tmp_path / "run", tmp_path / "r.py", "train.max_steps=2", *settings)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import read_metrics, run_cli
-from tests.test_grpo import BAD_REWARDS, grpo_args
-from tests.test_grpo import RECIPE as GRPO_RECIPE
-from tests.test_ppo import RECIPE as PPO_RECIPE
-from tests.test_ppo import ppo_args
+from tests.recipes.test_grpo import BAD_REWARDS, grpo_args
+from tests.recipes.test_grpo import RECIPE as GRPO_RECIPE
+from tests.recipes.test_ppo import RECIPE as PPO_RECIPE
+from tests.recipes.test_ppo import ppo_args
 
 
 def _first_step(out) -> dict:

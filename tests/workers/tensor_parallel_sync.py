@@ -28,7 +28,7 @@ def main() -> None:
     from posttrain.rollout import RolloutConfig, RolloutEngine, sync_weights
     from posttrain.rollout.groups import GenerationGroup
     from posttrain.rollout.layout import Layout
-    from tests.rollout.disaggregated_sync import _copy, _greedy_hf, _model
+    from tests.workers.disaggregated_sync import _copy, _greedy_hf, _model
 
     model_dir, out_path = sys.argv[1], sys.argv[2]
     zero = int(sys.argv[sys.argv.index("--zero") + 1])

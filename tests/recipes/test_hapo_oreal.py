@@ -22,7 +22,7 @@ from posttrain.algorithms import (
     oreal_loss,
 )
 from tests.conftest import REPO, read_metrics, run_cli, write_jsonl
-from tests.test_grpo import BAD_REWARDS, grpo_args
+from tests.recipes.test_grpo import BAD_REWARDS, grpo_args
 
 NONE = math.nan  # "no history yet" in a history tensor
 HAPO_RECIPE = str(REPO / "recipes" / "hapo.yaml")

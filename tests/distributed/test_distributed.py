@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, read_metrics, run_cli
-from tests.test_grpo import BAD_REWARDS, grpo_args
+from tests.recipes.test_grpo import BAD_REWARDS, grpo_args
 
 RECIPE = str(REPO / "recipes" / "grpo.yaml")
 DISAGGREGATED = "rollout.placement=disaggregated"
@@ -100,7 +100,7 @@ def test_rollout_rank_greedy_matches_learner_after_sync(lora, tiny_model, tmp_pa
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    script = REPO / "tests" / "rollout" / "disaggregated_sync.py"
+    script = REPO / "tests" / "workers" / "disaggregated_sync.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                              str(script), str(tiny_model), str(out), *(["--lora"] if lora else [])], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=400)

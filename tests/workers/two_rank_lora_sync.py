@@ -36,7 +36,7 @@ def _peft(model_dir: str):
 
 def _reference(model_dir: str, learner):
     """A transformers + PEFT copy of the learner's current (gathered) weights; collective."""
-    from tests.rollout.gathered import gathered_state
+    from tests.workers.gathered import gathered_state
 
     state = gathered_state(learner)
     model = _peft(model_dir).eval()

@@ -108,7 +108,7 @@ def test_bad_combinations_are_user_errors(kwargs, message):
 
 
 def test_bad_ensemble_in_a_recipe_stops_before_launch(tiny_model, arithmetic_data, tmp_path):
-    from tests.test_grpo import RECIPE, grpo_args
+    from tests.recipes.test_grpo import RECIPE, grpo_args
 
     result = run_cli("run", RECIPE, *grpo_args(tiny_model, arithmetic_data, tmp_path / "o",
                                                "grpo.reward_ensemble={members: [math_verify, nope]}"))
@@ -121,10 +121,10 @@ def test_bad_ensemble_in_a_recipe_stops_before_launch(tiny_model, arithmetic_dat
 def test_orm_ensemble_trains_in_grpo_and_ppo(trainer, two_orms, tiny_model, arithmetic_data, tmp_path):
     """The recipe key end to end: with wco the logged ensemble reward is the mean of per-sample minima, so it
     cannot exceed either member's mean, and it is the reward trained on (reward/mean)."""
-    from tests.test_grpo import RECIPE as GRPO_RECIPE
-    from tests.test_grpo import grpo_args
-    from tests.test_ppo import RECIPE as PPO_RECIPE
-    from tests.test_ppo import REWARDS, ppo_args
+    from tests.recipes.test_grpo import RECIPE as GRPO_RECIPE
+    from tests.recipes.test_grpo import grpo_args
+    from tests.recipes.test_ppo import RECIPE as PPO_RECIPE
+    from tests.recipes.test_ppo import REWARDS, ppo_args
 
     specs = ", ".join(f"{{name: orm, label: rm{i}, args: {{model: '{p}'}}}}" for i, p in enumerate(two_orms))
     settings = [f"{trainer}.rewards=[{specs}]", f"{trainer}.reward_ensemble={{members: [rm0, rm1], method: wco}}"]

@@ -1,5 +1,5 @@
 """GRPO's first optimizer step against TRL's GRPOTrainer: same tiny model, batch, completions, rewards and
-settings give the same loss and the same parameter gradients (as tests/test_dpo.py does for DPO).
+settings give the same loss and the same parameter gradients (as tests/recipes/test_dpo.py does for DPO).
 
 TRL's side is its own ``GRPOTrainer.compute_loss`` on a trainer built by ``posttrain.compare.trl``; ours is the
 micro-batch loss the GRPO trainer back-propagates (``posttrain.trainers.grpo.micro_batch_loss``) on a plain

@@ -11,8 +11,8 @@ from posttrain.checkpoint import MARKER, list_complete
 from posttrain.data.loading import load_rows
 from posttrain.errors import DataError
 from tests.conftest import REPO, run_cli
-from tests.test_sft import RECIPE as SFT_RECIPE
-from tests.test_sft import sft_args
+from tests.recipes.test_sft import RECIPE as SFT_RECIPE
+from tests.recipes.test_sft import sft_args
 
 LATIN1 = "café".encode("latin-1")
 

@@ -19,7 +19,7 @@ from posttrain.quickstart import (
     write_quickstart_data,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read(path: Path) -> list[dict]:

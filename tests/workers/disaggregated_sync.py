@@ -45,7 +45,7 @@ def _model(model_dir: str, lora: bool):
 
 def _copy(model_dir: str, learner, lora: bool):
     """A transformers (+ PEFT) model holding the learner's current (gathered) weights."""
-    from tests.rollout.gathered import gathered_state
+    from tests.workers.gathered import gathered_state
 
     state = gathered_state(learner)
     model = _model(model_dir, lora).eval()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.test_distributed import RECIPE, common, one_process, steps_of  # noqa: F401  (fixtures)
-from tests.test_grpo import grpo_args
+from tests.distributed.test_distributed import RECIPE, common, one_process, steps_of  # noqa: F401  (fixtures)
+from tests.recipes.test_grpo import grpo_args
 
 TP2 = "rollout.tensor_parallel_size=2"
 
@@ -89,7 +89,7 @@ def test_both_shards_decode_the_learners_greedy_tokens_after_every_sync(zero_sta
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    script = REPO / "tests" / "rollout" / "tensor_parallel_sync.py"
+    script = REPO / "tests" / "workers" / "tensor_parallel_sync.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                              str(script), str(tiny_model), str(out), "--zero", str(zero_stage),
                              *({"merged": ["--lora"], "adapter": ["--adapter"]}.get(lora, []))],

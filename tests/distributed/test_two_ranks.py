@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
-SCRIPT = Path(__file__).with_name("two_rank_sync.py")
-LORA_SCRIPT = Path(__file__).with_name("two_rank_lora_sync.py")
+SCRIPT = REPO / "tests" / "workers" / "two_rank_sync.py"
+LORA_SCRIPT = REPO / "tests" / "workers" / "two_rank_lora_sync.py"
 
 
 def _torchrun(script: Path, tiny_model, tmp_path) -> list[dict]:
