@@ -19,7 +19,8 @@ def gather_state_dict(module: torch.nn.Module, *, keep: bool) -> dict[str, torch
     state: dict[str, torch.Tensor] = {}
     for bucket in iter_full_parameters(module, bucket_bytes=64 * 2**20):
         if keep:
-            state.update((name, tensor.detach().to("cpu").clone()) for name, tensor in bucket)
+            # Copied: the bucket's tensors alias the gathered parameters, released with the next bucket.
+            state.update((name, tensor.detach().to("cpu", copy=True)) for name, tensor in bucket)
     return state
 
 

@@ -27,8 +27,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from posttrain.errors import UserError
-from posttrain.learner.gather import is_lora_name, merge_lora_tensors, peft_base_name
-from posttrain.rollout.buckets import PACKED_MODULES, is_partitioned, iter_gathered_buckets, module_path
+from posttrain.learner.gather import (
+    is_lora_name,
+    is_partitioned,
+    iter_full_parameters,
+    merge_lora_tensors,
+    module_path,
+    peft_base_name,
+)
 from posttrain.rollout.memory import PeakMemory
 
 if TYPE_CHECKING:
@@ -180,7 +186,7 @@ def iter_checkpoint_buckets(
         lora = _lora_layers(model, active, lora_scaling) if merge_lora else {}
         if not merge_lora:
             select = _not_lora  # the factors are not needed: do not gather them
-    buckets = iter_gathered_buckets(model, bucket_bytes, PACKED_MODULES, select)
+    buckets = iter_full_parameters(model, bucket_bytes=bucket_bytes, select=select)
     while True:
         start = time.perf_counter()
         bucket = next(buckets, None)
@@ -318,7 +324,7 @@ def iter_adapter_tensors(
     def select(name: str) -> bool:
         return is_lora_name(name) and marker in name
 
-    for bucket in iter_gathered_buckets(model, bucket_bytes, PACKED_MODULES, select):
+    for bucket in iter_full_parameters(model, bucket_bytes=bucket_bytes, select=select):
         for name, tensor in bucket:
             module_name = module_path(name)
             if ".lora_A." in name:

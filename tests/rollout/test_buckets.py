@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.rollout.buckets import fused_group, module_path, plan_buckets
+from posttrain.learner.gather import fused_group, module_path, plan_buckets
 from posttrain.rollout.config import RolloutConfig
 
 LAYER = "model.layers.0"
