@@ -55,8 +55,8 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype):
 
 def measure_learner(model, device: torch.device, *, rows: int, length: int, steps: int) -> dict:
     from posttrain.algorithms import compute_policy_loss
+    from posttrain.learner.logprobs import token_logprobs
     from posttrain.learner.packing import forward_logits
-    from posttrain.rollout.logprobs import token_logprobs
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     vocab = model.config.vocab_size

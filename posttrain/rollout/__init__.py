@@ -3,9 +3,9 @@
 Importing this package does not import vLLM; ``RolloutEngine`` does, when created.
 """
 
+from posttrain.learner.logprobs import drift_stats, token_entropy, token_logprobs
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import Prompt, RolloutBatch, RolloutEngine, Sample
-from posttrain.rollout.logprobs import drift_stats, token_entropy, token_logprobs
 from posttrain.rollout.sync import (
     SyncStats,
     adapter_sync_problem,

@@ -95,7 +95,7 @@ class RolloutBatch(Sequence[Sample]):
         ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion
         tokens) and ``sampler_logprobs`` (the sampler's log-prob of token ``t``
         at position ``t``, 0 elsewhere) are all ``[B, L]``; ``group`` is ``[B]``.
-        This is the layout ``posttrain.rollout.logprobs.token_logprobs`` returns.
+        This is the layout ``posttrain.learner.logprobs.token_logprobs`` returns.
         """
         width = max((len(s.prompt_ids) + len(s.completion_ids) for s in self.samples), default=0)
         batch = len(self.samples)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.learner.logprobs import completion_logprobs
-from posttrain.rollout.logprobs import token_logprobs
+from posttrain.learner.logprobs import completion_logprobs, token_logprobs
 
 
 def test_alignment_matches_hand_computed_logprobs():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posttrain.rollout.logprobs import drift_stats, token_logprobs
+from posttrain.learner.logprobs import drift_stats, token_logprobs
 
 
 def test_token_logprobs_hand_computed():
