@@ -6,6 +6,7 @@ Importing this package does not import vLLM; ``RolloutEngine`` does, when create
 from posttrain.learner.logprobs import drift_stats, token_entropy, token_logprobs
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import Prompt, RolloutBatch, RolloutEngine, Sample
+from posttrain.rollout.protocol import AdapterEngine, Engine
 from posttrain.rollout.sync import (
     SyncStats,
     adapter_sync_problem,
@@ -16,6 +17,8 @@ from posttrain.rollout.sync import (
 )
 
 __all__ = [
+    "AdapterEngine",
+    "Engine",
     "Prompt",
     "RolloutBatch",
     "RolloutConfig",

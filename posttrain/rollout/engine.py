@@ -30,6 +30,7 @@ import torch
 
 from posttrain.errors import ConfigError, UserError
 from posttrain.rollout.config import RolloutConfig
+from posttrain.rollout.protocol import Bucket, RunOnCollect
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,9 @@ def _preserve_process_state():
                 os.environ[key] = value
 
 
-class RolloutEngine:
-    """A vLLM engine in this process, with the settings of a ``RolloutConfig``.
+class RolloutEngine(RunOnCollect):
+    """A vLLM engine in this process, with the settings of a ``RolloutConfig``; an ``AdapterEngine``
+    (``posttrain.rollout.protocol``). Not collective: a rank with no prompts may skip ``generate``.
 
     ``tokenizer``: the learner's tokenizer (it renders chat prompts and
     tokenises strings, so learner and engine see the same ids); loaded from
@@ -229,6 +231,8 @@ class RolloutEngine:
     then starts with vLLM's LoRA support so that syncs can send only the
     adapter (``load_adapter``); ``self.lora_sync`` says what was decided.
     """
+
+    collective = False
 
     def __init__(self, model_path: str | os.PathLike, cfg: RolloutConfig | None = None, *, tokenizer=None,
                  lora_rank: int | None = None) -> None:
@@ -558,6 +562,11 @@ class RolloutEngine:
         self._weights_valid = True
         self.has_adapter_base = adapter_base
         self.reset_prefix_cache()
+
+    def load_buckets(self, buckets: Iterable[Bucket], stats=None, *, adapter_base: bool = False) -> None:
+        """``load_weights`` from a stream of buckets, consumed a pair at a time (the weight entry
+        ``sync_weights`` uses for every engine); ``stats`` is left to the caller, which measures this process."""
+        self.load_weights((pair for bucket in buckets for pair in bucket), adapter_base=adapter_base)
 
     # ---- LoRA adapters -------------------------------------------------------------------------
     @property

@@ -14,18 +14,23 @@ memory of a rank is one bucket plus its shard.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from posttrain.rollout.batches import split_batch
+from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import RolloutBatch, RolloutEngine
 from posttrain.rollout.layout import Layout
+from posttrain.rollout.protocol import Bucket, RunOnCollect
 
 
-class GenerationGroup:
-    """This rank's handle on the tensor-parallel engine it is a shard of. Collective over the group's ranks:
-    each calls ``generate`` (also with no prompts) in the same order. Everything else is the shard's
-    ``RolloutEngine``'s (sleep, load_weights, load_adapter, ...)."""
+class GenerationGroup(RunOnCollect):
+    """This rank's handle on the tensor-parallel engine it is a shard of; an ``AdapterEngine``
+    (``posttrain.rollout.protocol``). Collective over the group's ranks: each calls ``generate`` (also with
+    no prompts) in the same order. The rest is the shard's ``RolloutEngine``'s: the protocol's members are
+    passed on explicitly, other attributes (``tokenizer``, ``held_parameters``, ...) through ``__getattr__``."""
 
     collective = True  # callers must call generate even with nothing to ask
 
@@ -56,6 +61,43 @@ class GenerationGroup:
         union_seeds = None if any(s is None for _, s in gathered) else [x for _, s in gathered for x in s]
         batch = self.engine.generate(union, n=n, seeds=union_seeds, **sampling)
         return split_batch(batch, [len(ps) for ps, _ in gathered])[self.position]
+
+    # ---- the rest of the protocol: the shard's own --------------------------------------------
+    @property
+    def cfg(self) -> RolloutConfig:
+        return self.engine.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.engine.lora_enabled
+
+    @property
+    def has_adapter_base(self) -> bool:
+        return self.engine.has_adapter_base
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        return self.engine.max_lora_rank
+
+    def load_buckets(self, buckets: Iterable[Bucket], stats=None, *, adapter_base: bool = False) -> None:
+        """Every shard loads full tensors; its vLLM weight loader keeps the slice it serves."""
+        self.engine.load_buckets(buckets, stats, adapter_base=adapter_base)
+
+    def unsupported_lora_modules(self, modules: Iterable[str]) -> list[str]:
+        return self.engine.unsupported_lora_modules(modules)
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        return self.engine.load_adapter(tensors)
+
+    def sleep(self, level: int | None = None) -> None:
+        self.engine.sleep(level)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not set yet (during unpickling or a failed __init__)

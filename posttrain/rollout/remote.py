@@ -40,6 +40,7 @@ from posttrain.rollout.batches import merge_batches, shares, split_batch
 from posttrain.rollout.config import RolloutConfig
 from posttrain.rollout.engine import RolloutBatch
 from posttrain.rollout.layout import Layout
+from posttrain.rollout.protocol import Bucket
 
 log = logging.getLogger("posttrain")
 
@@ -130,10 +131,11 @@ def _unpack(header, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------------------------------------- learner side
 class RemoteEngine:
-    """The learner ranks' handle on the rollout ranks; used where a colocated run uses its ``RolloutEngine``.
+    """The learner ranks' handle on the rollout ranks; used where a colocated run uses its ``RolloutEngine``
+    (an ``Engine``, ``posttrain.rollout.protocol``).
 
-    ``generate`` and ``load_buckets`` are collective over the learner ranks (every learner calls them, also
-    with no prompts); only the leader talks to the rollout ranks.
+    ``generate``, ``submit`` / ``collect`` and ``load_buckets`` are collective over the learner ranks (every
+    learner calls them, also with no prompts); only the leader talks to the rollout ranks.
     """
 
     collective = True
@@ -244,11 +246,15 @@ class RemoteEngine:
         return split_batch(merge_batches(batches, n), counts)
 
     # ---- weights -------------------------------------------------------------------------------
-    def load_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], stats=None) -> None:
+    def load_buckets(self, buckets: Iterable[Bucket], stats=None, *, adapter_base: bool = False) -> None:
         """Send every bucket to every rollout rank, which loads it into its engine; collective over learners
-        (the caller, ``sync_weights``, drains the bucket stream on the other learners)."""
+        (the caller, ``sync_weights``, drains the bucket stream on the other learners). ``stats``: gets the
+        largest growth a rollout rank measured. No adapter syncs (``lora_enabled`` is False), so no
+        ``adapter_base``."""
         import torch.distributed as dist
 
+        if adapter_base:
+            raise NotImplementedError("adapter-only LoRA sync to rollout ranks is not implemented")
         outcome = self._leader(lambda: self._send_weights(buckets)) if self.dist.is_main else None
         for _ in buckets:  # every learner finishes the collective gathers before the verdict is shared
             pass
@@ -259,7 +265,7 @@ class RemoteEngine:
             peaks = [r["peak_bytes"] for r in reports if r.get("peak_bytes") is not None]
             stats.remote_peak_bytes = max(peaks) if peaks else None
 
-    def _send_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> list[dict]:
+    def _send_weights(self, buckets: Iterable[Bucket]) -> list[dict]:
         """Each bucket goes out once, as one broadcast over the bridge group, and reaches every shard of every
         engine (each shard's vLLM loader keeps its slice)."""
         ranks = range(1, len(self.link.members))
@@ -277,7 +283,7 @@ class RemoteEngine:
         self.link.broadcast(("bucket", header), self.timeout)
         self.link.broadcast_bytes(flat, self.timeout)
 
-    # ---- the engine interface the recipes use --------------------------------------------------
+    # ---- the rest of the Engine protocol -------------------------------------------------------
     def sleep(self, level: int | None = None) -> None:
         """Nothing to free: the engines live on other ranks."""
 

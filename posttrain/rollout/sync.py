@@ -38,7 +38,7 @@ from posttrain.learner.gather import (
 from posttrain.rollout.memory import PeakMemory
 
 if TYPE_CHECKING:
-    from posttrain.rollout.engine import RolloutEngine
+    from posttrain.rollout.protocol import AdapterEngine, Engine
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def iter_checkpoint_tensors(module, **kwargs) -> Iterator[tuple[str, torch.Tenso
         del bucket
 
 
-def adapter_sync_problem(module, *, adapter: str | None = None, engine: RolloutEngine | None = None) -> str | None:
+def adapter_sync_problem(module, *, adapter: str | None = None, engine: Engine | None = None) -> str | None:
     """Why syncing only the LoRA adapter of ``module`` (into ``engine``, if given) would not work; None if it would.
 
     Only plain LoRA on linear layers, with every other parameter frozen, can be
@@ -252,7 +252,7 @@ def adapter_sync_problem(module, *, adapter: str | None = None, engine: RolloutE
     return None
 
 
-def _engine_adapter_problem(engine: RolloutEngine, named: list[tuple[str, torch.Tensor]], active: str) -> str | None:
+def _engine_adapter_problem(engine: AdapterEngine, named: list[tuple[str, torch.Tensor]], active: str) -> str | None:
     if not engine.lora_enabled:
         return "the rollout engine was started without LoRA support"
     factors = [(name, param) for name, param in named if is_lora_name(name) and f".{active}." in name]
@@ -272,7 +272,7 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
 _reported: set[str] = set()
 
 
-def resolve_lora_sync(engine: RolloutEngine | None, module, *, lora_sync: LoraSync | None = None,
+def resolve_lora_sync(engine: Engine | None, module, *, lora_sync: LoraSync | None = None,
                       adapter: str | None = None) -> str:
     """How ``sync_weights`` will send ``module``: ``"full"`` (no LoRA), ``"merged"`` or ``"adapter"``.
 
@@ -334,7 +334,7 @@ def iter_adapter_tensors(
                 yield f"{module_name}.lora_B.weight", scaled.to(tensor.dtype)
 
 
-def _needs_base(engine: RolloutEngine | None, model: torch.nn.Module) -> bool:
+def _needs_base(engine: AdapterEngine | None, model: torch.nn.Module) -> bool:
     """Whether this adapter sync must first send the base weights; the same answer on every rank."""
     need = engine is not None and not engine.has_adapter_base
     if any(is_partitioned(param) for param in model.parameters()):
@@ -346,7 +346,7 @@ def _needs_base(engine: RolloutEngine | None, model: torch.nn.Module) -> bool:
     return need
 
 
-def _sync_adapter(engine: RolloutEngine | None, model: torch.nn.Module, stats: SyncStats, *, bucket_bytes: int,
+def _sync_adapter(engine: AdapterEngine | None, model: torch.nn.Module, stats: SyncStats, *, bucket_bytes: int,
                   lora_scaling: float | None, adapter: str | None) -> None:
     if _needs_base(engine, model):
         _stream_weights(engine, model, stats, bucket_bytes=bucket_bytes, lora_scaling=lora_scaling,
@@ -367,15 +367,13 @@ def _sync_adapter(engine: RolloutEngine | None, model: torch.nn.Module, stats: S
         engine.load_adapter(tensors)
 
 
-def _stream_weights(engine: RolloutEngine | None, model: torch.nn.Module, stats: SyncStats, *, bucket_bytes: int,
+def _stream_weights(engine: Engine | None, model: torch.nn.Module, stats: SyncStats, *, bucket_bytes: int,
                     lora_scaling: float | None, adapter: str | None, merge_lora: bool) -> None:
     stream = iter_checkpoint_buckets(model, bucket_bytes=bucket_bytes, lora_scaling=lora_scaling, adapter=adapter,
                                      stats=stats, merge_lora=merge_lora)
     try:
-        if hasattr(engine, "load_buckets"):  # a disaggregated run's RemoteEngine sends whole buckets
-            engine.load_buckets(stream, stats)
-        elif engine is not None:
-            engine.load_weights((pair for bucket in stream for pair in bucket), adapter_base=not merge_lora)
+        if engine is not None:
+            engine.load_buckets(stream, stats, adapter_base=not merge_lora)
     finally:
         # Engine-less ranks, whatever the engine left, or an engine that failed midway: finish the
         # collective ZeRO-3 gathers so the other ranks are not left waiting.
@@ -384,7 +382,7 @@ def _stream_weights(engine: RolloutEngine | None, model: torch.nn.Module, stats:
 
 
 def sync_weights(
-    engine: RolloutEngine | None,
+    engine: Engine | None,
     module,
     *,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -402,7 +400,7 @@ def sync_weights(
     ``lora_sync`` (default: the engine's ``cfg.lora_sync``) chooses between
     sending only a LoRA adapter and merging it; see ``resolve_lora_sync``.
     The engine's prefix cache is reset afterwards (its KV came from old weights).
-    An engine with ``load_buckets`` (a disaggregated run's ``RemoteEngine``) takes whole buckets.
+    Every engine (``posttrain.rollout.protocol.Engine``) takes the stream through its ``load_buckets``.
     """
     stats = SyncStats(0.0, 0.0, 0, 0, 0, 0, 0, None, None)
     model = unwrap_module(module)
