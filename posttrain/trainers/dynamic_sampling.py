@@ -105,3 +105,23 @@ def fill_with_informative_groups(first: list[ScoredGroup], more_round: Callable[
     metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/generated_groups": float(len(everyone) * (rounds + 1)),
                "dynamic_sampling/informative_groups": float(found), "dynamic_sampling/padded_groups": float(padded)}
     return chosen[rank * share : (rank + 1) * share], metrics
+
+
+def refill(rollouts, settings, dist, step: int, timer, rows, batch, rewards: torch.Tensor, scores):
+    """A step's rows, batch, rewards and scores after dynamic sampling's refill rounds, and its metrics; the
+    step as it came when ``settings`` (``grpo:``) has no refill. Timed as ``generate``: the rounds' generation
+    and scoring."""
+    if not (settings.dynamic_sampling and settings.dynamic_sampling_max_rounds > 0):
+        return rows, batch, rewards, scores, {}
+
+    def more_round(round_: int) -> list[ScoredGroup]:
+        extra_rows = rollouts.refill_rows(step, round_)
+        extra = rollouts.generate_refill(step, round_, extra_rows)
+        extra_rewards, extra_scores = rollouts.score(extra_rows, extra)
+        return split_groups(extra_rows, extra, extra_rewards, extra_scores)
+
+    with timer.stage("generate"):
+        mine, metrics = fill_with_informative_groups(
+            split_groups(rows, batch, rewards, scores), more_round, target=settings.prompts_per_step,
+            max_rounds=settings.dynamic_sampling_max_rounds, rank=dist.rank, world_size=dist.world_size)
+    return (*join_groups(mine, batch), metrics)
