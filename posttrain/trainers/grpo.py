@@ -52,10 +52,9 @@ from posttrain.trainers.grpo_config import Config, GRPOSettings, batch_plan, pre
 from posttrain.trainers.grpo_update import micro_batch_loss, single_pass, update_metrics, update_policy
 from posttrain.trainers.hapo import HAPOShaping
 from posttrain.trainers.harness import RunHarness, run_identity
-from posttrain.trainers.loop import train_loop
+from posttrain.trainers.loop import train_online
 from posttrain.trainers.online import OnlineRollouts
 from posttrain.trainers.policy import build_policy, build_reference
-from posttrain.trainers.reference import FrozenReference
 from posttrain.trainers.timing import StageTimer
 
 __all__ = ["Config", "GRPOSettings", "Recipe", "batch_plan", "micro_batch_loss", "preflight"]
@@ -82,7 +81,7 @@ class Recipe:
                  self.rollouts.report.summary(), self.rollouts.skipped or "none", self.total_steps,
                  cfg.grpo.prompts_per_step, cfg.rollout.n, self.plan["optimizer_steps"])
         self.learner = build_policy(cfg, dist, self.plan["grad_accum"], self.plan["optimizer_steps"])
-        self.reference = self._setup_reference()
+        self.reference = build_reference(cfg, self.learner) if cfg.grpo.kl_coef else None  # KL needs it
         self.spo = algorithms.SPOValueTracker() if cfg.grpo.estimator == "spo" else None
         self.run = RunHarness(cfg, dist, run_identity(cfg, estimator=cfg.grpo.estimator, n=cfg.rollout.n,
                                                       prompts_per_step=cfg.grpo.prompts_per_step))
@@ -94,15 +93,9 @@ class Recipe:
         self.run.open_metrics()
         self.rollouts.start(self.learner, resumed=self.run.start_step > 0)
 
-    def _setup_reference(self) -> FrozenReference | None:
-        return None if self.cfg.grpo.kl_coef == 0 else build_reference(self.cfg, self.learner)
-
     def train(self) -> dict:
-        return train_loop(self.cfg, self.dist, self.run, self.total_steps, self.rl_step, self.rollouts.evaluate,
-                          self.save,
-                          [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"],
-                           ["time/samples_per_s"], ["drift/abs_diff_max"], ["completion_tokens"]],
-                          progress_keys=("reward/mean", "time/samples_per_s"))
+        return train_online(self, [["reward/mean", "eval/reward"], ["eval/accuracy"], ["kl"], ["entropy"],
+                                   ["time/samples_per_s"], ["drift/abs_diff_max"], ["completion_tokens"]])
 
     def cleanup(self) -> None:
         if getattr(self, "rollouts", None) is not None:

@@ -41,7 +41,7 @@ from posttrain.data.preference import UnpairedExample, collate_unpaired, load_un
 from posttrain.distributed import DistInfo, all_reduce_sum
 from posttrain.trainers import offline
 from posttrain.trainers.common import RecipeConfig
-from posttrain.trainers.dpo import sequence_logps
+from posttrain.trainers.dpo_losses import sequence_logps
 from posttrain.trainers.harness import RunHarness, run_identity
 from posttrain.trainers.loop import train_loop
 from posttrain.trainers.policy import build_policy, build_reference

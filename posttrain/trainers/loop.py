@@ -63,3 +63,11 @@ def train_loop(cfg, dist: DistInfo, run: RunHarness, total_steps: int, step_fn: 
     return run.finish({"steps": total_steps, "eval_start": start, "eval_end": end, **extra,
                        "train_seconds": round(time.perf_counter() - started, 2)},
                       plot_groups() if callable(plot_groups) else plot_groups)
+
+
+def train_online(recipe, plot_groups: list[list[str]]) -> dict:
+    """``train_loop`` for an online recipe: its ``rl_step`` per rollout step, its rollouts' ``evaluate`` and its
+    ``save``, with the reward and throughput on the progress bar."""
+    return train_loop(recipe.cfg, recipe.dist, recipe.run, recipe.total_steps, recipe.rl_step,
+                      recipe.rollouts.evaluate, recipe.save, plot_groups,
+                      progress_keys=("reward/mean", "time/samples_per_s"))

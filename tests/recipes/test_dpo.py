@@ -81,7 +81,8 @@ def test_first_step_loss_and_gradients_equal_trl(loss_type, tiny_model, tmp_path
 
     from posttrain.data.loading import Row
     from posttrain.data.preference import collate_preference, preference_example
-    from posttrain.trainers.dpo import DPOSettings, pair_losses, policy_pair_logps, reference_pair_logps
+    from posttrain.trainers.dpo import DPOSettings
+    from posttrain.trainers.dpo_losses import pair_losses, policy_pair_logps, reference_pair_logps
     from posttrain.trainers.reference import FrozenReference
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_rows(EXAMPLES / "train.jsonl", 4)]

@@ -2,7 +2,7 @@
 settings give the same loss and the same parameter gradients (as tests/recipes/test_dpo.py does for DPO).
 
 TRL's side is its own ``GRPOTrainer.compute_loss`` on a trainer built by ``posttrain.compare.trl``; ours is the
-micro-batch loss the GRPO trainer back-propagates (``posttrain.trainers.grpo.micro_batch_loss``) on a plain
+micro-batch loss the GRPO trainer back-propagates (``posttrain.trainers.grpo_update.micro_batch_loss``) on a plain
 transformers model. TRL's advantages come from TRL's own code (tests/algorithms/_trl_harness.py), ours from our
 estimator; the reference log-probs (beta > 0) come from a second, different tiny model, so the KL term and its
 gradient are not trivially zero.

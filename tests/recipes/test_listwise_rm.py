@@ -197,7 +197,7 @@ def orm_accuracies(model_dir, rows) -> tuple[float, float]:
 
 
 def test_listwise_stats_count_pairs_ties_and_padding():
-    from posttrain.trainers.reward_model import listwise_stats
+    from posttrain.trainers.reward_model_tasks import listwise_stats
 
     scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.5, 0.7, 9.0, 9.0]])
     labels = torch.tensor([[2.0, 2.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
