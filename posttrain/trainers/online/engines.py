@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from posttrain.distributed import DistInfo
+from posttrain.rollout.protocol import Engine
 
 
-def open_engine(cfg, dist: DistInfo, tokenizer):
+def open_engine(cfg, dist: DistInfo, tokenizer) -> Engine:
     """This rank's engine: a disaggregated learner's ``RemoteEngine`` (the rollout ranks generate), else an
     in-process ``RolloutEngine``, wrapped as a ``GenerationGroup`` when it is one tensor-parallel shard of its
     group's engine."""

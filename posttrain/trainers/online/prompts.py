@@ -87,7 +87,7 @@ def evaluate_generation(engine, rows: list[PromptRow], reward_set, *, n: int = 1
 
     A collective engine (a disaggregated run's ``RemoteEngine``) is called even with no rows: every learner
     rank takes part in its generate."""
-    if not rows and not getattr(engine, "collective", False):
+    if not rows and not engine.collective:
         return {}
     batch = engine.generate([r.prompt for r in rows], n=n, temperature=temperature, max_tokens=max_tokens, seed=seed)
     if not rows:
