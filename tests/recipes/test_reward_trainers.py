@@ -124,7 +124,9 @@ def test_prm_trains_on_hard_and_soft_labels_and_is_the_prm_reward(prm_run):
     assert out.info[0]["step_scores"][0] == pytest.approx(out.info[1]["step_scores"][0], abs=1e-6)  # same prefix
 
 
-@pytest.mark.parametrize("kind", ["rm", "prm"])
+# One two-process run of the reward-model trainer in the default tier; prm (the same trainer and ZeRO path,
+# token-level head) trains single-process in prm_run and on two processes in the slow tier.
+@pytest.mark.parametrize("kind", ["rm", pytest.param("prm", marks=pytest.mark.slow)])
 def test_two_processes_zero2(kind, tiny_model, data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", str(REPO / "recipes" / f"{kind}.yaml"), "--nproc", "2", "learner.zero_stage=2",

@@ -120,8 +120,11 @@ def test_lora_saves_adapter_and_merged_model(tiny_model, arithmetic_data, tmp_pa
     assert not torch.allclose(untouched, got, atol=1e-3)  # the adapter did learn something
 
 
-@pytest.mark.parametrize("variant", [["learner.precision=bf16", "learner.zero_stage=2"],
-                                     ["model.lora.enabled=true", "learner.zero_stage=3", "learner.lr=1e-2"]])
+@pytest.mark.parametrize("variant", [
+    ["learner.precision=bf16", "learner.zero_stage=2"],
+    # slow: LoRA stays in the default tier single-process (test_lora_saves_adapter_and_merged_model), ZeRO-3
+    # over two processes in test_two_processes_zero3_match_one_process
+    pytest.param(["model.lora.enabled=true", "learner.zero_stage=3", "learner.lr=1e-2"], marks=pytest.mark.slow)])
 def test_two_processes_bf16_and_lora_zero3(variant, tiny_model, arithmetic_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli("run", RECIPE, "--nproc", "2", *sft_args(tiny_model, arithmetic_data, out, "train.max_steps=4",
