@@ -34,8 +34,8 @@ import torch
 
 from posttrain import algorithms
 from posttrain.distributed import DistInfo, all_gather_objects
+from posttrain.learner.logprobs import drift_stats
 from posttrain.models.loading import load_tokenizer
-from posttrain.rollout.logprobs import drift_stats
 from posttrain.trainers import online
 from posttrain.trainers.common import check_output_dir, seed_everything
 from posttrain.trainers.dynamic_sampling import refill
