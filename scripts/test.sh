@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh) and run the test suite. Extra arguments go to pytest.
-#   scripts/test.sh                  the default suite (about 9 minutes on 2 cores, plus set-up): everything but `slow`
+#   scripts/test.sh                  the default suite (about 14 minutes on 2 cores, plus set-up): everything but `slow`
 #   scripts/test.sh --all            also the `slow` tier: multi-process runs, the registry matrix, the quickstart (about 40 more minutes)
 #   scripts/test.sh -k sft -x        a subset
 set -euo pipefail
