@@ -205,6 +205,11 @@ def all_gather_rows(tensor):
     return torch.cat(parts).to(device=tensor.device, dtype=tensor.dtype)
 
 
+def own_rows(everyone, count: int, rank: int):
+    """This rank's ``count`` rows of a tensor computed on ``all_gather_rows``' concatenation (rank order)."""
+    return everyone[rank * count : (rank + 1) * count]
+
+
 def all_gather_objects(values: list) -> list:
     """Concatenate every rank's list of picklable values, in rank order."""
     import torch.distributed as dist

@@ -15,14 +15,10 @@ import math
 import torch
 
 from posttrain import algorithms
-from posttrain.distributed import all_gather_rows, all_reduce_max, all_reduce_sum
+from posttrain.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, own_rows
 from posttrain.trainers import online
 from posttrain.trainers.grpo_config import GRPOSettings
 from posttrain.trainers.online import PromptRow
-
-
-def _own_rows(everyone: torch.Tensor, mine: int, rank: int) -> torch.Tensor:
-    return everyone[rank * mine : (rank + 1) * mine]
 
 
 def prompt_keys(rows: list[PromptRow], n: int) -> list[str]:
@@ -46,7 +42,7 @@ def sequence_advantages(g: GRPOSettings, rewards: torch.Tensor, n: int, mask: to
     if "tracker" in needs:
         kwargs.update(tracker=tracker, keys=keys)
     advantages = algorithms.group_advantages(g.estimator, all_gather_rows(rewards), n, **kwargs)
-    return _own_rows(advantages, rewards.shape[0], rank)
+    return own_rows(advantages, rewards.shape[0], rank)
 
 
 def token_advantages(g: GRPOSettings, rewards: torch.Tensor, old_logprobs, ref_logprobs,

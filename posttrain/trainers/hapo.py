@@ -23,7 +23,7 @@ import torch
 
 from posttrain.algorithms import LENGTH_REWARDS, LengthHistory, length_reward
 from posttrain.config.schema import ConfigError, doc
-from posttrain.distributed import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max
+from posttrain.distributed import DistInfo, all_gather_objects, all_gather_rows, all_reduce_max, own_rows
 
 
 @dataclass
@@ -81,8 +81,7 @@ class HAPOShaping:
         totals = all_gather_rows(rewards.to(torch.float64))
         bonus = length_reward(s.length_reward, lengths, correct, self.history.history(keys),
                               correct_floor=s.correct_floor)
-        first = self.dist.rank * len(batch)
-        shaped = rewards + s.weight * bonus[first : first + len(batch)].to(rewards.dtype)
+        shaped = rewards + s.weight * own_rows(bonus, len(batch), self.dist.rank).to(rewards.dtype)
         self.history.update(keys, lengths, correct)
         scored = torch.isfinite(totals)
         checksum = sum(self.history.state.values()) + sum(self.history.count.values())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.distributed import all_gather_rows, all_reduce_sum
+from posttrain.distributed import all_gather_rows, all_reduce_sum, own_rows
 from posttrain.faults import maybe_poison_loss
 from posttrain.learner.packing import forward_logits
 from posttrain.trainers.common import check_finite_loss
@@ -57,8 +57,7 @@ def policy_filtration_keep(strategy: str, rewards: torch.Tensor, n: int, *, seed
     everyone = all_gather_rows(rewards)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     keep = pf_ppo_filter(everyone, n, strategy=strategy, generator=generator)
-    first = rank * rewards.shape[0]
-    return keep[first : first + rewards.shape[0]]
+    return own_rows(keep, rewards.shape[0], rank)
 
 
 def guard_nonfinite(loss: torch.Tensor, policy: str, what: str, setting: str, *, step: int,
